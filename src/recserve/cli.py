@@ -1,0 +1,168 @@
+"""The `recserve` command: demo, import, lookup, stats. Thin: parse, build, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from recserve.errors import RecserveError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except RecserveError as error:
+        print(f"recserve: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recserve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="import a synthetic power-law table and benchmark lookups")
+    demo.add_argument("--rows", type=int, default=1_000_000, help="rows in the synthetic table")
+    demo.add_argument("--dim", type=int, default=64, help="values per row")
+    demo.add_argument("--dram-fraction", type=float, default=0.1, help="DRAM tier capacity, fraction of rows")
+    demo.add_argument("--batches", type=int, default=40, help="lookup batches of 65,536 Zipf keys")
+    demo.add_argument("--store", type=Path, default=None, help="RocksDB folder (default: a temporary one)")
+    demo.set_defaults(run=_run_demo)
+
+    imp = commands.add_parser("import", help="import embedding tables into the store (SST ingestion)")
+    imp.add_argument("--config", type=Path, required=True, help="our YAML/JSON config or an HPS JSON file")
+    imp.add_argument("--table", help="table to import into (omit to import every model's sparse_files)")
+    imp.add_argument("--format", choices=["hugectr", "npy", "torch"], help="default: guessed from the paths")
+    imp.add_argument("--tensor", help="torch: name of the weight tensor in the state_dict")
+    imp.add_argument("--key-map", type=Path, help="torch: .npy of the key of each row (default: row i = key i)")
+    imp.add_argument("paths", type=Path, nargs="*", help="HugeCTR folder | keys.npy rows.npy | weights.pt")
+    imp.set_defaults(run=_run_import)
+
+    lookup = commands.add_parser("lookup", help="print the rows of keys")
+    lookup.add_argument("--config", type=Path, required=True)
+    lookup.add_argument("--table", required=True)
+    lookup.add_argument("keys", type=int, nargs="+")
+    lookup.set_defaults(run=_run_lookup)
+
+    stats = commands.add_parser("stats", help="print what the store holds per table")
+    stats.add_argument("--config", type=Path, required=True)
+    stats.set_defaults(run=_run_stats)
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from recserve.demo import run_demo
+
+    run_demo(rows=args.rows, dim=args.dim, dram_fraction=args.dram_fraction, batches=args.batches,
+             store=args.store)
+    return 0
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from recserve.config import load_config
+    from recserve.ps import formats
+    from recserve.ps.server import HierarchicalPS
+
+    config = load_config(args.config)
+    jobs = _import_jobs(args, config)
+    with HierarchicalPS.from_config(config.ps) as ps:
+        for table, source in jobs:
+            spec = ps.table(table)
+            formats.validate(source, spec)
+            with tqdm(total=int(source.keys.size), unit="rows", desc=f"import {table}") as bar:
+                count = ps.import_table(table, formats.as_int64_keys(source), source.rows, bar.update)
+            print(f"{table}: imported {count} rows of dim {spec.dim} from {source.origin}")
+    return 0
+
+
+def _import_jobs(args: argparse.Namespace, config: object) -> list:
+    from recserve.errors import InvalidInputError
+    from recserve.ps import formats
+
+    if args.table is None:
+        if args.paths:
+            raise InvalidInputError("name the --table the paths go into")
+        jobs = []
+        for model in config.models:
+            for table, folder in zip(model.tables, model.sparse_files, strict=False):
+                jobs.append((table, formats.read_hugectr(Path(folder), config.ps.table(table).dim)))
+        if not jobs:
+            raise InvalidInputError(f"{args.config}: no model lists sparse_files; give --table and paths")
+        return jobs
+    try:
+        spec = config.ps.table(args.table)
+    except KeyError:
+        raise InvalidInputError(f"table '{args.table}' is not in {args.config}") from None
+    kind = args.format or _guess_format(args.paths)
+    if kind == "hugectr" and len(args.paths) == 1:
+        return [(args.table, formats.read_hugectr(args.paths[0], spec.dim))]
+    if kind == "npy" and len(args.paths) == 2:
+        return [(args.table, formats.read_npy(args.paths[0], args.paths[1]))]
+    if kind == "torch" and len(args.paths) == 1:
+        return [(args.table, formats.read_torch(args.paths[0], args.tensor, args.key_map))]
+    raise InvalidInputError(
+        f"format {kind} takes {'two paths (keys.npy rows.npy)' if kind == 'npy' else 'one path'}, "
+        f"got {len(args.paths)}"
+    )
+
+
+def _guess_format(paths: list[Path]) -> str:
+    from recserve.errors import InvalidInputError
+
+    if len(paths) == 1 and paths[0].is_dir():
+        return "hugectr"
+    if paths and all(p.suffix == ".npy" for p in paths):
+        return "npy"
+    if len(paths) == 1 and paths[0].suffix in {".pt", ".pth", ".bin"}:
+        return "torch"
+    raise InvalidInputError(f"cannot tell the format of {[str(p) for p in paths]}; pass --format")
+
+
+def _open_read_only(config_path: Path) -> object:
+    """The store as the config describes it, read-only so that a running server can keep writing it."""
+    from recserve.config import load_config
+    from recserve.ps.server import HierarchicalPS
+
+    config = load_config(config_path)
+    ps_config = config.ps.model_copy(
+        update={"rocksdb": config.ps.rocksdb.model_copy(update={"read_only": True})}
+    )
+    return HierarchicalPS.from_config(ps_config)
+
+
+def _run_lookup(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    with _open_read_only(args.config) as ps:
+        rows = ps.lookup_numpy(args.table, np.asarray(args.keys, dtype=np.int64))
+        not_found = ps.stats().tables[args.table].not_found
+        with np.printoptions(precision=5, suppress=True, linewidth=120):
+            for key, row in zip(args.keys, rows, strict=True):
+                print(f"{key}: {row}")
+    if not_found:
+        print(f"({not_found} keys found in no tier: default row shown)", file=sys.stderr)
+    return 0
+
+
+def _run_stats(args: argparse.Namespace) -> int:
+    with _open_read_only(args.config) as ps:
+        stats = ps.stats()
+        print(f"{'table':<24}{'dim':>6}{'dtype':>9}  " + "  ".join(f"{t.name + ' rows':>16}" for t in ps.tiers))
+        for name, table in stats.tables.items():
+            spec = ps.table(name)
+            held = "  ".join(f"{table.tiers[t.name].held.rows:>16,}" for t in ps.tiers)
+            print(f"{name:<24}{spec.dim:>6}{spec.dtype:>9}  {held}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

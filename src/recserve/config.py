@@ -1,0 +1,392 @@
+"""Typed configuration: tables, tiers, models. Loads our YAML/JSON and HugeCTR HPS JSON deployment files.
+
+Every model forbids unknown keys: a misspelt key is an error that names it (HPS silently ignores them, and a
+typo such as `overflow_polcy` then quietly runs with the default). Components take their own sub-config; only
+the composition root (cli) sees the whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from recserve.errors import ConfigError
+
+OverflowPolicy = Literal["evict_lru", "evict_lfu", "evict_random", "reject"]
+RowDtype = Literal["float32", "float16"]
+TableName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class TableConfig(StrictModel):
+    """One embedding table: rows of `dim` values addressed by int64 keys."""
+
+    name: TableName = Field(description="Table name, unique in the parameter server.")
+    dim: int = Field(gt=0, le=65_536, description="Values per row.")
+    dtype: RowDtype = Field("float32", description="Storage type of rows; lookups always return float32.")
+    default_value: float | list[float] = Field(
+        0.0, description="Row returned for a key found in no tier: one value for every column, or a full row."
+    )
+    dram_capacity_rows: int | None = Field(None, gt=0, description="Rows the DRAM tier holds for this table.")
+    dram_capacity_bytes: int | None = Field(
+        None, gt=0, description="Alternative to dram_capacity_rows: a memory budget, rows and index included."
+    )
+    overflow_policy: OverflowPolicy = Field(
+        "evict_lru", description="What the DRAM tier does when this table is full and a new key arrives."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TableConfig:
+        if self.dram_capacity_rows is not None and self.dram_capacity_bytes is not None:
+            raise ValueError(f"table '{self.name}': set dram_capacity_rows or dram_capacity_bytes, not both")
+        if isinstance(self.default_value, list) and len(self.default_value) != self.dim:
+            raise ValueError(
+                f"table '{self.name}': default_value has {len(self.default_value)} values, dim is {self.dim}"
+            )
+        return self
+
+    @property
+    def itemsize(self) -> int:
+        return np.dtype(self.dtype).itemsize
+
+    def default_row(self) -> np.ndarray:
+        """The float32 row [dim] returned for keys found nowhere."""
+        if isinstance(self.default_value, list):
+            return np.asarray(self.default_value, dtype=np.float32)
+        return np.full(self.dim, self.default_value, dtype=np.float32)
+
+
+class DramTierConfig(StrictModel):
+    """The volatile in-memory tier: a partitioned hash map in shared memory."""
+
+    enabled: bool = Field(True, description="Use the DRAM tier at all.")
+    num_partitions: int = Field(8, ge=1, le=4096, description="Hash partitions per table (parallel writes).")
+    default_capacity_rows: int = Field(
+        1_000_000, gt=0, description="Capacity of tables that set neither dram_capacity_rows nor _bytes."
+    )
+    overflow_resolution_target: float = Field(
+        0.8, gt=0.0, le=1.0,
+        description="When a full partition must take a new key, evict down to this fraction of its capacity "
+        "(batch eviction amortises the cost of finding victims; HPS's default is 0.8).",
+    )
+    shm_dir: Path = Field(Path("/dev/shm"), description="Folder of the shared-memory files.")
+
+
+class RocksTierConfig(StrictModel):
+    """The persistent tier: RocksDB, one column family per table, the full copy of every table."""
+
+    enabled: bool = Field(True, description="Use the RocksDB tier at all.")
+    path: Path = Field(Path("recserve-store"), description="RocksDB directory.")
+    read_only: bool = Field(False, description="Open read-only (several processes may then share it).")
+    block_cache_bytes: int = Field(256 << 20, ge=0, description="RocksDB block cache size.")
+    max_get_batch_size: int = Field(10_000, gt=0, description="Keys per RocksDB multi-get call.")
+
+
+class UpdateSourceConfig(StrictModel):
+    """Where online updates come from (consumed by the updates module)."""
+
+    type: Literal["disabled", "kafka", "redis_streams"] = "disabled"
+    address: str = Field("127.0.0.1:9092", description="Kafka brokers or Redis address.")
+    poll_timeout_ms: int = Field(500, gt=0)
+    max_batch_size: int = Field(8 * 1024, gt=0)
+    failure_backoff_ms: int = Field(50, ge=0)
+
+
+class PSConfig(StrictModel):
+    """The hierarchical parameter server: its tables and tiers."""
+
+    tables: list[TableConfig] = Field(default_factory=list)
+    dram: DramTierConfig = Field(default_factory=DramTierConfig)
+    rocksdb: RocksTierConfig = Field(default_factory=RocksTierConfig)
+
+    @model_validator(mode="after")
+    def _unique_tables(self) -> PSConfig:
+        seen: set[str] = set()
+        for table in self.tables:
+            if table.name in seen:
+                raise ValueError(f"table '{table.name}' is declared twice")
+            seen.add(table.name)
+        return self
+
+    def table(self, name: str) -> TableConfig:
+        for table in self.tables:
+            if table.name == name:
+                return table
+        raise KeyError(name)
+
+
+class ModelConfig(StrictModel):
+    """A served model as far as the parameter server is concerned: which tables it reads."""
+
+    name: TableName
+    tables: list[str] = Field(default_factory=list, description="Names of the PS tables the model reads.")
+    max_batch_size: int = Field(64, gt=0, description="Items per query the model accepts at most.")
+    max_keys_per_table: list[int] | None = Field(None, description="Keys per item per table at most.")
+    num_dense_features: int = Field(0, ge=0)
+    device_cache: bool = Field(False, description="Put a device embedding cache in front of the DRAM tier.")
+    device_cache_fraction: float = Field(0.2, ge=0.0, le=1.0, description="Cache size as a fraction of rows.")
+    hit_rate_threshold: float = Field(0.9, ge=0.0, le=1.0)
+    devices: list[int] = Field(default_factory=lambda: [0])
+    dense_file: Path | None = None
+    sparse_files: list[Path] = Field(default_factory=list, description="Import sources, one per table.")
+
+
+class RecserveConfig(StrictModel):
+    """The whole configuration: parameter server, models, update source."""
+
+    ps: PSConfig = Field(default_factory=PSConfig)
+    models: list[ModelConfig] = Field(default_factory=list)
+    update_source: UpdateSourceConfig = Field(default_factory=UpdateSourceConfig)
+
+    @model_validator(mode="after")
+    def _models_name_known_tables(self) -> RecserveConfig:
+        known = {t.name for t in self.ps.tables}
+        for model in self.models:
+            for table in model.tables:
+                if table not in known:
+                    raise ValueError(f"model '{model.name}' reads table '{table}', which ps.tables lacks")
+        return self
+
+
+# --- HugeCTR HPS JSON ---------------------------------------------------------------------------------------
+# Field names and defaults are HPS's own; only the strictness is ours.
+
+
+class HpsVolatileDb(StrictModel):
+    type: Literal["disabled", "hash_map", "parallel_hash_map", "multi_process_hash_map", "redis_cluster"] = (
+        "parallel_hash_map"
+    )
+    address: str = "127.0.0.1:7000"
+    user_name: str = "default"
+    password: str = ""
+    algorithm: str = "phm"
+    num_partitions: int = Field(8, ge=1)
+    allocation_rate: int = Field(256 << 20, gt=0)
+    shared_memory_size: int = Field(16 << 30, gt=0)
+    shared_memory_name: str = "hctr_mp_hash_map_database"
+    shared_memory_auto_remove: bool = True
+    max_batch_size: int = Field(65_536, gt=0)
+    max_get_batch_size: int = Field(10_000, gt=0)
+    max_set_batch_size: int = Field(10_000, gt=0)
+    enable_tls: bool = False
+    tls_ca_certificate: str = "cacertbundle.crt"
+    tls_client_certificate: str = "client_cert.pem"
+    tls_client_key: str = "client_key.pem"
+    tls_server_name_identification: str = "redis.localhost"
+    refresh_time_after_fetch: bool = False
+    overflow_margin: int = Field(2**64 - 1, gt=0)
+    overflow_policy: Literal["evict_random", "evict_oldest", "evict_least_used"] = "evict_oldest"
+    overflow_resolution_target: float = Field(0.8, gt=0.0, le=1.0)
+    initialize_after_startup: bool = True
+    initial_cache_rate: float = Field(1.0, ge=0.0, le=1.0)
+    cache_missed_embeddings: bool = False
+    update_filters: list[str] = Field(default_factory=lambda: ["^hps_.+$"])
+
+
+class HpsPersistentDb(StrictModel):
+    type: Literal["disabled", "rocks_db"] = "disabled"
+    path: Path = Path("/tmp/rocksdb")
+    num_threads: int = Field(16, ge=1)
+    read_only: bool = False
+    max_batch_size: int = Field(10_000, gt=0)
+    max_get_batch_size: int = Field(10_000, gt=0)
+    max_set_batch_size: int = Field(10_000, gt=0)
+    update_filters: list[str] = Field(default_factory=lambda: ["^hps_.+$"])
+
+
+class HpsUpdateSource(StrictModel):
+    type: Literal["null", "kafka_message_queue"] = "null"
+    brokers: str = "127.0.0.1:9092"
+    metadata_refresh_interval_ms: int = Field(30_000, gt=0)
+    receive_buffer_size: int = Field(256 * 1024, gt=0)
+    poll_timeout_ms: int = Field(500, gt=0)
+    max_batch_size: int = Field(8 * 1024, gt=0)
+    failure_backoff_ms: int = Field(50, ge=0)
+    max_commit_interval: int = Field(32, gt=0)
+
+
+class HpsModel(StrictModel):
+    model: TableName
+    sparse_files: list[Path] = Field(min_length=1)
+    dense_file: Path | None = None
+    network_file: Path | None = None
+    num_of_worker_buffer_in_pool: int = Field(1, ge=1)
+    num_of_refresher_buffer_in_pool: int = Field(1, ge=0)
+    cache_refresh_percentage_per_iteration: float = Field(0.0, ge=0.0, le=1.0)
+    deployed_device_list: list[int] = Field(min_length=1)
+    max_batch_size: int = Field(64, gt=0)
+    default_value_for_each_table: list[float] = Field(min_length=1)
+    maxnum_des_feature_per_sample: int = Field(26, ge=0)
+    maxnum_catfeature_query_per_table_per_sample: list[int] = Field(min_length=1)
+    embedding_vecsize_per_table: list[int] = Field(min_length=1)
+    embedding_table_names: list[TableName] | None = None
+    gpucache: bool = True
+    gpucacheper: float = Field(0.2, ge=0.0, le=1.0)
+    hit_rate_threshold: float = Field(0.9, ge=0.0, le=1.0)
+    refresh_delay: float = Field(0.0, ge=0.0)
+    refresh_interval: float = Field(0.0, ge=0.0)
+    label_dim: int = Field(1, ge=1)
+    slot_num: int = Field(1, ge=1)
+    use_static_table: bool = False
+    use_context_stream: bool = True
+    fuse_embedding_table: bool = False
+    i64_input_key: bool = True
+    use_mixed_precision: bool = False
+
+    @model_validator(mode="after")
+    def _lengths_agree(self) -> HpsModel:
+        n = len(self.sparse_files)
+        per_table = {
+            "embedding_vecsize_per_table": len(self.embedding_vecsize_per_table),
+            "maxnum_catfeature_query_per_table_per_sample": len(self.maxnum_catfeature_query_per_table_per_sample),
+            "embedding_table_names": len(self.table_names()),
+        }
+        if len(self.default_value_for_each_table) != 1:  # one value is broadcast, as HPS does
+            per_table["default_value_for_each_table"] = len(self.default_value_for_each_table)
+        for key, length in per_table.items():
+            if length != n:
+                raise ValueError(f"model '{self.model}': {key} has {length} entries, sparse_files has {n}")
+        return self
+
+    def table_names(self) -> list[str]:
+        return self.embedding_table_names or [f"sparse_embedding{i}" for i in range(len(self.sparse_files))]
+
+
+class HpsConfig(StrictModel):
+    supportlonglong: bool = True
+    volatile_db: HpsVolatileDb = Field(default_factory=HpsVolatileDb)
+    persistent_db: HpsPersistentDb = Field(default_factory=HpsPersistentDb)
+    update_source: HpsUpdateSource = Field(default_factory=HpsUpdateSource)
+    models: list[HpsModel] = Field(min_length=1)
+
+
+_HPS_POLICY: dict[str, OverflowPolicy] = {
+    "evict_oldest": "evict_lru",
+    "evict_least_used": "evict_lfu",
+    "evict_random": "evict_random",
+}
+
+
+def from_hps(hps: HpsConfig) -> RecserveConfig:
+    """Translate an HPS deployment into our config. Table names are shared across models, as in one PS."""
+    vdb, pdb = hps.volatile_db, hps.persistent_db
+    if vdb.type == "redis_cluster":
+        raise ConfigError("volatile_db.type 'redis_cluster': the Redis tier is not available in this version")
+    unbounded = vdb.overflow_margin >= 2**63
+    capacity = None if unbounded else vdb.overflow_margin * vdb.num_partitions
+    tables: dict[str, TableConfig] = {}
+    models = []
+    for m in hps.models:
+        names = m.table_names()
+        defaults = m.default_value_for_each_table * (len(names) if len(m.default_value_for_each_table) == 1 else 1)
+        for name, dim, default in zip(names, m.embedding_vecsize_per_table, defaults, strict=True):
+            table = TableConfig(
+                name=name, dim=dim, default_value=default, dram_capacity_rows=capacity,
+                overflow_policy=_HPS_POLICY[vdb.overflow_policy],
+            )
+            if name in tables and tables[name] != table:
+                raise ConfigError(f"model '{m.model}': table '{name}' is declared again with other settings")
+            tables[name] = table
+        models.append(
+            ModelConfig(
+                name=m.model, tables=names, max_batch_size=m.max_batch_size,
+                max_keys_per_table=m.maxnum_catfeature_query_per_table_per_sample,
+                num_dense_features=m.maxnum_des_feature_per_sample, device_cache=m.gpucache,
+                device_cache_fraction=m.gpucacheper, hit_rate_threshold=m.hit_rate_threshold,
+                devices=m.deployed_device_list, dense_file=m.dense_file, sparse_files=m.sparse_files,
+            )
+        )
+    update = hps.update_source
+    return RecserveConfig(
+        ps=PSConfig(
+            tables=list(tables.values()),
+            dram=DramTierConfig(
+                enabled=vdb.type != "disabled", num_partitions=vdb.num_partitions,
+                overflow_resolution_target=vdb.overflow_resolution_target,
+            ),
+            rocksdb=RocksTierConfig(
+                enabled=pdb.type == "rocks_db", path=pdb.path, read_only=pdb.read_only,
+                max_get_batch_size=pdb.max_get_batch_size,
+            ),
+        ),
+        models=models,
+        update_source=UpdateSourceConfig(
+            type="kafka" if update.type == "kafka_message_queue" else "disabled", address=update.brokers,
+            poll_timeout_ms=update.poll_timeout_ms, max_batch_size=update.max_batch_size,
+            failure_backoff_ms=update.failure_backoff_ms,
+        ),
+    )
+
+
+# --- loading ------------------------------------------------------------------------------------------------
+
+_HPS_TOP_KEYS = {"supportlonglong", "volatile_db", "persistent_db"}
+
+
+def is_hps_document(data: Any) -> bool:
+    """HPS files have `models[]` entries keyed `model`, or HPS's top-level database keys; ours have `ps`."""
+    if not isinstance(data, dict) or "ps" in data:
+        return False
+    if _HPS_TOP_KEYS & data.keys():
+        return True
+    models = data.get("models")
+    return isinstance(models, list) and any(isinstance(m, dict) and "model" in m for m in models)
+
+
+def describe_errors(error: ValidationError) -> str:
+    """One line per problem, naming the key path and the offending value."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key")
+        else:
+            lines.append(f"{where}: {item['msg']} (got {item['input']!r})"[:500])
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "config") -> RecserveConfig:
+    """Validate a parsed document (ours or HPS's) into a RecserveConfig, or raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        if is_hps_document(data):
+            return from_hps(HpsConfig.model_validate(data))
+        return RecserveConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {describe_errors(error)}") from None
+    except ValueError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_config(path: str | Path) -> RecserveConfig:
+    """Load our YAML/JSON config or an HPS JSON deployment file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {error}") from None
+    return parse_config(data, str(path))
+
+
+def capacity_rows(table: TableConfig, dram: DramTierConfig) -> int:
+    """Rows the DRAM tier reserves for a table, from rows or a byte budget (rows + row metadata + index)."""
+    if table.dram_capacity_rows is not None:
+        return table.dram_capacity_rows
+    if table.dram_capacity_bytes is not None:
+        # per row: values, 4 int64 of metadata (key, version, access time, count), 2 index slots of 16 bytes
+        per_row = table.dim * table.itemsize + 4 * 8 + 2 * 16
+        return max(1, table.dram_capacity_bytes // per_row)
+    return dram.default_capacity_rows

@@ -1,0 +1,1 @@
+"""The hierarchical parameter server: tiers of embedding rows, fastest first."""

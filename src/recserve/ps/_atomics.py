@@ -1,0 +1,64 @@
+"""Memory-ordering primitives for numba kernels that share arrays across threads and processes.
+
+numba exposes no atomics on the CPU, so these emit the LLVM instructions directly. The seqlocks of the DRAM
+tier need exactly three things: an acquire load and a release store of a version word, a full fence between
+the copy of a row and the re-read of its version, and an atomic add for the shared access clock. Without
+them LLVM may merge the two version reads of a seqlock into one, and a reader would never notice a torn row.
+All take a 1-D int64 array and an index.
+"""
+
+from __future__ import annotations
+
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+
+def _pointer(context, builder, signature, args):
+    array_type = signature.args[0]
+    array = context.make_array(array_type)(context, builder, args[0])
+    return cgutils.get_item_pointer(context, builder, array_type, array, [args[1]])
+
+
+@intrinsic
+def load_acquire(typingctx, array, index):
+    """array[index], with acquire ordering: later loads are not moved before it."""
+
+    def codegen(context, builder, signature, args):
+        return builder.load_atomic(_pointer(context, builder, signature, args), ordering="acquire", align=8)
+
+    return array.dtype(array, types.intp), codegen
+
+
+@intrinsic
+def store_release(typingctx, array, index, value):
+    """array[index] = value, with release ordering: earlier stores are visible before it."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _pointer(context, builder, signature, args)
+        builder.store_atomic(args[2], ptr, ordering="release", align=8)
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp, array.dtype), codegen
+
+
+@intrinsic
+def fetch_add(typingctx, array, index, value):
+    """Atomically add value to array[index]; returns the old value."""
+
+    def codegen(context, builder, signature, args):
+        ptr = _pointer(context, builder, signature, args)
+        return builder.atomic_rmw("add", ptr, args[2], ordering="seq_cst")
+
+    return array.dtype(array, types.intp, array.dtype), codegen
+
+
+@intrinsic
+def full_fence(typingctx):
+    """A sequentially consistent fence; also stops the compiler moving memory accesses across it."""
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen

@@ -1,0 +1,323 @@
+"""numba kernels of the DRAM tier: a partitioned open-addressing hash map from int64 keys to rows.
+
+Written by hand (not a library dict) because the map must live in shared memory, be read by several processes
+at once without locks, and do whole batches in compiled loops. Layout of one table (all arrays are views of
+one shared-memory file; P partitions, S index slots and C rows per partition):
+
+    part   int64 [P, 8]        per partition: seq version, size, free-stack top, evictions, rejections
+    slots  int64 [P*S*2]       index, linear probing: (key, record) pairs; record -1 = empty slot
+    rec    int64 [P*C*W]       records of W words: version, key, last access, access count, then the values
+    free   int64 [P*C]         per-partition stacks of free record numbers
+    clock  int64 [8]           [0]: the access clock that orders LRU
+
+Concurrency: one writer per table at a time (a lock the Python side holds), any number of lock-free readers.
+Each record is a seqlock: a writer makes its version odd, writes, makes it even again; a reader copies the
+values between two reads of an even, unchanged version, so it never returns a torn row. Deleting from a
+linear-probing index shifts later entries back (no tombstones, so probes stay short under churn); a reader can
+then miss a key that was only moving, so each partition has its own seq version and a reader re-probes any
+miss that overlapped a structural change. A reader that cannot get a stable view in `MAX_RETRIES` tries
+reports a miss: the PS then reads a slower tier, which is slower but still exact.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from recserve.ps._atomics import fetch_add, full_fence, load_acquire, store_release
+
+# The default "workqueue" layer aborts when two threads enter parallel kernels at once; serving calls these
+# kernels from several worker threads, so ask for a thread-safe layer (OpenMP or TBB).
+numba.config.THREADING_LAYER = "threadsafe"
+
+EMPTY = -1
+MAX_RETRIES = 1 << 16
+# part columns
+P_SEQ, P_SIZE, P_FREE_TOP, P_EVICTIONS, P_REJECTED = 0, 1, 2, 3, 4
+# record words before the values
+R_VERSION, R_KEY, R_TIME, R_COUNT = 0, 1, 2, 3
+RECORD_HEADER_WORDS = 4
+# overflow policies, as passed to kernels
+POLICY_LRU, POLICY_LFU, POLICY_RANDOM, POLICY_REJECT = 0, 1, 2, 3
+# per-key outcome of a write
+INSERTED, UPDATED, REJECTED, ABSENT = 0, 1, 2, 3
+
+_M1 = np.uint64(0xFF51AFD7ED558CCD)
+_M2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+_S32 = np.uint64(32)
+
+
+@njit(inline="always", cache=True)
+def mix64(key):
+    """murmur3's 64-bit finaliser: spreads sequential ids over partitions and slots."""
+    x = np.uint64(key)
+    x ^= x >> _S33
+    x *= _M1
+    x ^= x >> _S33
+    x *= _M2
+    x ^= x >> _S33
+    return x
+
+
+@njit(inline="always", cache=True)
+def partition_of(key, num_partitions):
+    return np.int64(mix64(key) % np.uint64(num_partitions))
+
+
+@njit(inline="always", cache=True)
+def home_slot(key, num_slots):
+    return np.int64((mix64(key) >> _S32) & np.uint64(num_slots - 1))
+
+
+@njit(cache=True)
+def partitions_of(keys, num_partitions):
+    out = np.empty(keys.size, dtype=np.int64)
+    for i in range(keys.size):
+        out[i] = partition_of(keys[i], num_partitions)
+    return out
+
+
+@njit(inline="always", cache=True)
+def find_slot(slots, p, num_slots, key):
+    """Index entry of key in partition p, or -1."""
+    base = p * num_slots
+    s = home_slot(key, num_slots)
+    for _ in range(num_slots):
+        e = base + s
+        if slots[2 * e + 1] == EMPTY:
+            return -1
+        if slots[2 * e] == key:
+            return e
+        s = (s + 1) & (num_slots - 1)
+    return -1
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
+    """out[i] = row of keys[i] where found[i]; marks each hit as just used."""
+    n = keys.size
+    dim = out.shape[1]
+    now = fetch_add(clock, 0, n)
+    num_partitions = part.shape[0]
+    for i in prange(n):
+        key = keys[i]
+        p = partition_of(key, num_partitions)
+        found[i] = False
+        for _ in range(MAX_RETRIES):
+            seq = load_acquire(part[p], P_SEQ)
+            if seq & 1:
+                continue
+            e = find_slot(slots, p, num_slots, key)
+            if e < 0:
+                full_fence()
+                if load_acquire(part[p], P_SEQ) == seq:
+                    break  # a true miss: nothing moved while we probed
+                continue
+            r = slots[2 * e + 1]
+            if r < 0:
+                continue
+            head = r * words
+            version = load_acquire(rec, head + R_VERSION)
+            if version & 1:
+                continue
+            owner = rec[head + R_KEY]
+            for c in range(dim):
+                out[i, c] = values[r, offset + c]
+            full_fence()
+            if load_acquire(rec, head + R_VERSION) != version or owner != key:
+                continue
+            found[i] = True
+            rec[head + R_TIME] = now + i
+            if track_count:
+                rec[head + R_COUNT] += 1
+            break
+
+
+@njit(inline="always", cache=True)
+def write_record(rec, values, r, words, offset, key, row):
+    head = r * words
+    version = rec[head + R_VERSION]
+    store_release(rec, head + R_VERSION, version + 1)
+    full_fence()
+    rec[head + R_KEY] = key
+    for c in range(row.size):
+        values[r, offset + c] = row[c]
+    full_fence()
+    store_release(rec, head + R_VERSION, version + 2)
+
+
+@njit(inline="always", cache=True)
+def retire_record(rec, r, words):
+    """Make every reader that still holds record r fail its check: bump the version, change the key."""
+    head = r * words
+    version = rec[head + R_VERSION]
+    store_release(rec, head + R_VERSION, version + 1)
+    full_fence()
+    rec[head + R_KEY] = rec[head + R_KEY] ^ 1
+    full_fence()
+    store_release(rec, head + R_VERSION, version + 2)
+
+
+@njit(inline="always", cache=True)
+def delete_slot(slots, p, num_slots, e):
+    """Remove index entry e by shifting later entries of its probe run back (no tombstones)."""
+    base = p * num_slots
+    mask = num_slots - 1
+    hole = e - base
+    j = hole
+    while True:
+        j = (j + 1) & mask
+        ej = base + j
+        if slots[2 * ej + 1] == EMPTY:
+            break
+        home = home_slot(slots[2 * ej], num_slots)
+        stays = (hole < home <= j) if hole <= j else (home > hole or home <= j)
+        if stays:
+            continue
+        eh = base + hole
+        slots[2 * eh] = slots[2 * ej]
+        store_release(slots, 2 * eh + 1, slots[2 * ej + 1])
+        hole = j
+    store_release(slots, 2 * (base + hole) + 1, EMPTY)
+
+
+@njit(inline="always", cache=True)
+def insert_slot(slots, p, num_slots, key, r):
+    base = p * num_slots
+    s = home_slot(key, num_slots)
+    while slots[2 * (base + s) + 1] != EMPTY:
+        s = (s + 1) & (num_slots - 1)
+    e = base + s
+    slots[2 * e] = key
+    store_release(slots, 2 * e + 1, r)  # the key is written before the entry becomes visible
+
+
+@njit(inline="always", cache=True)
+def free_record(part, slots, rec, free, p, num_slots, capacity, words, e):
+    r = slots[2 * e + 1]
+    delete_slot(slots, p, num_slots, e)
+    retire_record(rec, r, words)
+    top = part[p, P_FREE_TOP]
+    free[p * capacity + top] = r
+    part[p, P_FREE_TOP] = top + 1
+    part[p, P_SIZE] -= 1
+
+
+@njit(cache=True)
+def evict_for_space(part, slots, rec, free, p, num_slots, capacity, words, policy, keep):
+    """Evict the lowest-priority records of partition p until it holds `keep` (< capacity)."""
+    size = part[p, P_SIZE]
+    entries = np.empty(size, dtype=np.int64)
+    n = 0
+    for s in range(num_slots):
+        e = p * num_slots + s
+        if slots[2 * e + 1] != EMPTY:
+            entries[n] = e
+            n += 1
+    last_use = np.empty(n, dtype=np.int64)
+    for j in range(n):
+        last_use[j] = rec[slots[2 * entries[j] + 1] * words + R_TIME]
+    if policy == POLICY_RANDOM:
+        order = np.argsort(np.random.random(n))
+    else:
+        order = np.argsort(last_use, kind="mergesort")
+        if policy == POLICY_LFU:  # least used first, ties broken by least recent
+            counts = np.empty(n, dtype=np.int64)
+            for j in range(n):
+                counts[j] = rec[slots[2 * entries[order[j]] + 1] * words + R_COUNT]
+            order = order[np.argsort(counts, kind="mergesort")]
+    victims = np.empty(n - keep, dtype=np.int64)
+    for j in range(n - keep):
+        victims[j] = slots[2 * entries[order[j]]]  # keys: entries move while we delete
+    seq = part[p, P_SEQ]
+    store_release(part[p], P_SEQ, seq + 1)
+    full_fence()
+    for key in victims:
+        free_record(part, slots, rec, free, p, num_slots, capacity, words, find_slot(slots, p, num_slots, key))
+    full_fence()
+    store_release(part[p], P_SEQ, seq + 2)
+    part[p, P_EVICTIONS] += n - keep
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def write_kernel(clock, part, slots, rec, free, values, keys, rows, order, starts, status,
+                 num_slots, capacity, words, offset, policy, keep, insert_new):
+    """Upsert (insert_new) or overwrite-only of rows; status[i] says what happened to keys[i].
+
+    Keys are grouped by partition (order/starts) so each partition is written by one thread, in batch order.
+    """
+    now = fetch_add(clock, 0, keys.size)
+    for p in prange(part.shape[0]):
+        for j in range(starts[p], starts[p + 1]):
+            i = order[j]
+            key = keys[i]
+            e = find_slot(slots, p, num_slots, key)
+            if e >= 0:
+                r = slots[2 * e + 1]
+                write_record(rec, values, r, words, offset, key, rows[i])
+                if insert_new:  # an insert is a use; a refresh from training is not
+                    rec[r * words + R_TIME] = now + i
+                    rec[r * words + R_COUNT] += 1
+                status[i] = UPDATED
+                continue
+            if not insert_new:
+                status[i] = ABSENT
+                continue
+            if part[p, P_SIZE] >= capacity:
+                if policy == POLICY_REJECT:
+                    part[p, P_REJECTED] += 1
+                    status[i] = REJECTED
+                    continue
+                evict_for_space(part, slots, rec, free, p, num_slots, capacity, words, policy, keep)
+            top = part[p, P_FREE_TOP] - 1
+            r = free[p * capacity + top]
+            part[p, P_FREE_TOP] = top
+            write_record(rec, values, r, words, offset, key, rows[i])
+            rec[r * words + R_TIME] = now + i
+            rec[r * words + R_COUNT] = 1
+            insert_slot(slots, p, num_slots, key, r)
+            part[p, P_SIZE] += 1
+            status[i] = INSERTED
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def evict_kernel(part, slots, rec, free, keys, order, starts, removed, num_slots, capacity, words):
+    """Remove keys; removed[i] is True where keys[i] was held."""
+    for p in prange(part.shape[0]):
+        if starts[p] == starts[p + 1]:
+            continue
+        seq = part[p, P_SEQ]
+        store_release(part[p], P_SEQ, seq + 1)
+        full_fence()
+        for j in range(starts[p], starts[p + 1]):
+            i = order[j]
+            e = find_slot(slots, p, num_slots, keys[i])
+            removed[i] = e >= 0
+            if e >= 0:
+                free_record(part, slots, rec, free, p, num_slots, capacity, words, e)
+        full_fence()
+        store_release(part[p], P_SEQ, seq + 2)
+
+
+@njit(cache=True)
+def init_table(part, slots, free, capacity):
+    slots[1::2] = EMPTY
+    for p in range(part.shape[0]):
+        part[p, :] = 0
+        part[p, P_FREE_TOP] = capacity
+        for j in range(capacity):
+            free[p * capacity + j] = capacity - 1 - j + p * capacity
+
+
+@njit(cache=True)
+def held_keys(part, slots, num_slots):
+    """All keys the table holds (diagnostics and tests)."""
+    out = np.empty(part[:, P_SIZE].sum(), dtype=np.int64)
+    n = 0
+    for e in range(part.shape[0] * num_slots):
+        if slots[2 * e + 1] != EMPTY and n < out.size:
+            out[n] = slots[2 * e]
+            n += 1
+    return out[:n]

@@ -1,0 +1,274 @@
+"""The DRAM tier: one partitioned hash map per table, in shared memory, read by every worker process.
+
+A table lives in one file under /dev/shm (the owner creates and, on close, removes it); other processes
+`attach` to it through a picklable `DramTableHandle` and read the same bytes, so N workers keep one copy of
+the embeddings. Writers take the table's lock (a thread lock plus flock on the file, which the kernel frees
+if a writer dies); readers take none. The kernels and the consistency protocol are in `_hashmap.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import mmap
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recserve.config import DramTierConfig, TableConfig, capacity_rows
+from recserve.errors import NotFoundError
+from recserve.ps import _hashmap as hm
+from recserve.ps.tiers import LookupResult, TierTableStats, check_rows
+
+_POLICY_CODES = {
+    "evict_lru": hm.POLICY_LRU,
+    "evict_lfu": hm.POLICY_LFU,
+    "evict_random": hm.POLICY_RANDOM,
+    "reject": hm.POLICY_REJECT,
+}
+_STORAGE_DTYPE = {"float32": np.float32, "float16": np.uint16}  # float16 travels as its bits through numba
+
+
+@dataclass(frozen=True, slots=True)
+class DramTableHandle:
+    """Everything another process needs to attach to a table: where it is and how it is laid out."""
+
+    path: str
+    name: str
+    dim: int
+    dtype: str
+    num_partitions: int
+    num_slots: int  # index slots per partition, a power of two >= 2 x capacity
+    capacity: int  # rows per partition
+    policy: int
+    keep: int  # rows a full partition is cut down to when it must evict
+
+    @property
+    def words(self) -> int:
+        """int64 words per record: header, then the values padded to 8 bytes."""
+        itemsize = np.dtype(self.dtype).itemsize
+        return hm.RECORD_HEADER_WORDS + math.ceil(self.dim * itemsize / 8)
+
+    def sizes(self) -> dict[str, int]:
+        """int64 words of each array, in file order."""
+        p, s, c = self.num_partitions, self.num_slots, self.capacity
+        return {"clock": 8, "part": p * 8, "slots": p * s * 2, "free": p * c, "rec": p * c * self.words}
+
+    @property
+    def nbytes(self) -> int:
+        return 8 * sum(self.sizes().values())
+
+
+def plan_table(table: TableConfig, config: DramTierConfig, path: str) -> DramTableHandle:
+    total = capacity_rows(table, config)
+    num_partitions = min(config.num_partitions, total)
+    capacity = math.ceil(total / num_partitions)
+    num_slots = 1 << max(3, math.ceil(math.log2(2 * capacity)))
+    keep = min(capacity - 1, math.floor(capacity * config.overflow_resolution_target))
+    return DramTableHandle(
+        path=path, name=table.name, dim=table.dim, dtype=table.dtype, num_partitions=num_partitions,
+        num_slots=num_slots, capacity=capacity, policy=_POLICY_CODES[table.overflow_policy], keep=keep,
+    )
+
+
+class DramTable:
+    """One table's hash map, mapped from its shared-memory file."""
+
+    def __init__(self, handle: DramTableHandle, *, create: bool) -> None:
+        self.handle = handle
+        self._owner = create
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        self._fd = os.open(handle.path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(self._fd, handle.nbytes)
+            self._map = mmap.mmap(self._fd, handle.nbytes)
+        except BaseException:
+            os.close(self._fd)
+            if create:
+                os.unlink(handle.path)
+            raise
+        words = np.frombuffer(self._map, dtype=np.int64)
+        arrays, start = {}, 0
+        for part_name, size in handle.sizes().items():
+            arrays[part_name] = words[start : start + size]
+            start += size
+        self.clock = arrays["clock"]
+        self.part = arrays["part"].reshape(handle.num_partitions, 8)
+        self.slots = arrays["slots"]
+        self.free = arrays["free"]
+        self.rec = arrays["rec"]
+        storage = np.dtype(_STORAGE_DTYPE[handle.dtype])
+        self.values = self.rec.view(storage).reshape(-1, handle.words * 8 // storage.itemsize)
+        self._offset = hm.RECORD_HEADER_WORDS * 8 // storage.itemsize
+        self._storage = storage
+        self._thread_lock = threading.Lock()
+        if create:
+            hm.init_table(self.part, self.slots, self.free, handle.capacity)
+
+    # --- reads (lock-free) ---
+
+    def lookup(self, keys: np.ndarray) -> LookupResult:
+        h = self.handle
+        out = np.empty((keys.size, h.dim), dtype=self._storage)
+        found = np.empty(keys.size, dtype=np.bool_)
+        hm.lookup_kernel(
+            self.clock, self.part, self.slots, self.rec, self.values, keys, out, found,
+            h.num_slots, h.words, self._offset, h.policy == hm.POLICY_LFU,
+        )
+        return LookupResult(rows=self._to_float32(out), found=found)
+
+    # --- writes (one writer per table, across threads and processes) ---
+
+    def write(self, keys: np.ndarray, rows: np.ndarray, *, insert_new: bool) -> np.ndarray:
+        """Upsert rows (insert_new) or overwrite only held keys; returns a status code per key."""
+        h = self.handle
+        stored = self._to_storage(rows)
+        order, starts = self._group_by_partition(keys)
+        status = np.empty(keys.size, dtype=np.int8)
+        with self._write_lock():
+            hm.write_kernel(
+                self.clock, self.part, self.slots, self.rec, self.free, self.values, keys, stored, order,
+                starts, status, h.num_slots, h.capacity, h.words, self._offset, h.policy, h.keep, insert_new,
+            )
+        return status
+
+    def evict(self, keys: np.ndarray) -> int:
+        h = self.handle
+        order, starts = self._group_by_partition(keys)
+        removed = np.zeros(keys.size, dtype=np.bool_)
+        with self._write_lock():
+            hm.evict_kernel(
+                self.part, self.slots, self.rec, self.free, keys, order, starts, removed,
+                h.num_slots, h.capacity, h.words,
+            )
+        return int(removed.sum())
+
+    # --- introspection ---
+
+    def stats(self) -> TierTableStats:
+        part = self.part
+        return TierTableStats(
+            rows=int(part[:, hm.P_SIZE].sum()),
+            capacity_rows=self.handle.capacity * self.handle.num_partitions,
+            evictions=int(part[:, hm.P_EVICTIONS].sum()),
+            rejected=int(part[:, hm.P_REJECTED].sum()),
+        )
+
+    def held_keys(self) -> np.ndarray:
+        return hm.held_keys(self.part, self.slots, self.handle.num_slots)
+
+    def close(self) -> None:
+        if self._map.closed:
+            return
+        # numpy views keep the mmap's buffer exported; drop them before closing the map.
+        for attr in ("clock", "part", "slots", "free", "rec", "values"):
+            delattr(self, attr)
+        with contextlib.suppress(BufferError):  # a caller still holds a view; the pages go when it does
+            self._map.close()
+        os.close(self._fd)
+        if self._owner:
+            Path(self.handle.path).unlink(missing_ok=True)
+
+    # --- helpers ---
+
+    def _write_lock(self) -> _TableWriteLock:
+        return _TableWriteLock(self._thread_lock, self._fd)
+
+    def _group_by_partition(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        partitions = hm.partitions_of(keys, self.handle.num_partitions)
+        order = np.argsort(partitions, kind="stable")
+        counts = np.bincount(partitions, minlength=self.handle.num_partitions)
+        starts = np.zeros(self.handle.num_partitions + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        return order, starts
+
+    def _to_storage(self, rows: np.ndarray) -> np.ndarray:
+        if self.handle.dtype == "float16":
+            return np.ascontiguousarray(rows, dtype=np.float16).view(np.uint16)
+        return np.ascontiguousarray(rows, dtype=np.float32)
+
+    def _to_float32(self, out: np.ndarray) -> np.ndarray:
+        if self.handle.dtype == "float16":
+            return out.view(np.float16).astype(np.float32)
+        return out
+
+
+class _TableWriteLock:
+    """Excludes other threads (thread lock) and other processes (flock) from writing one table."""
+
+    def __init__(self, thread_lock: threading.Lock, fd: int) -> None:
+        self._thread_lock, self._fd = thread_lock, fd
+
+    def __enter__(self) -> None:
+        self._thread_lock.acquire()
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._thread_lock.release()
+
+
+class DramTier:
+    """The DRAM tier of the parameter server: a `DramTable` per table."""
+
+    name = "dram"
+
+    def __init__(self, tables: dict[str, DramTable]) -> None:
+        self._tables = tables
+
+    @classmethod
+    def create(cls, tables: list[TableConfig], config: DramTierConfig) -> DramTier:
+        run = f"recserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        created: dict[str, DramTable] = {}
+        try:
+            for table in tables:
+                path = str(config.shm_dir / f"{run}-{table.name}")
+                created[table.name] = DramTable(plan_table(table, config, path), create=True)
+        except BaseException:
+            for made in created.values():
+                made.close()
+            raise
+        return cls(created)
+
+    @classmethod
+    def attach(cls, handles: list[DramTableHandle]) -> DramTier:
+        """Map tables another process created (the handles come from its `handles()`)."""
+        return cls({h.name: DramTable(h, create=False) for h in handles})
+
+    def handles(self) -> list[DramTableHandle]:
+        return [table.handle for table in self._tables.values()]
+
+    def table(self, name: str) -> DramTable:
+        try:
+            return self._tables[name]
+        except KeyError:
+            raise NotFoundError(f"dram: unknown table '{name}'") from None
+
+    def lookup(self, table: str, keys: np.ndarray) -> LookupResult:
+        return self.table(table).lookup(keys)
+
+    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
+        target = self.table(table)
+        check_rows(table, rows, keys.size, target.handle.dim)
+        target.write(keys, rows, insert_new=True)
+
+    def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
+        target = self.table(table)
+        check_rows(table, rows, keys.size, target.handle.dim)
+        return int((target.write(keys, rows, insert_new=False) == hm.UPDATED).sum())
+
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        return self.table(table).evict(keys)
+
+    def stats(self) -> dict[str, TierTableStats]:
+        return {name: table.stats() for name, table in self._tables.items()}
+
+    def close(self) -> None:
+        for table in self._tables.values():
+            table.close()

@@ -1,0 +1,242 @@
+"""HierarchicalPS: exact embedding lookups across tiers, fastest first, as HugeCTR's HPS.
+
+lookup(table, keys):
+    keys --dedupe--> unique keys --tier 0 (DRAM)--> misses --tier 1 (RocksDB)--> misses --> default row
+                                 <--- rows found in a slower tier are promoted into every faster one
+    rows[inverse] -> Tensor [len(keys), dim]
+
+Exact: a key present in any tier returns its row. Writes go to the slowest tier (the full copy) first: a
+crash between tiers can leave a faster tier without the new row (it is then read from below), never with a
+row the persistent copy lacks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from recserve.config import PSConfig, TableConfig
+from recserve.errors import InvalidInputError, NotFoundError
+from recserve.ps.keys import as_keys, unique_inverse
+from recserve.ps.tiers import Tier, TierTableStats, check_rows
+from recserve.stats import HistogramSnapshot, LatencyHistogram
+
+
+@dataclass(frozen=True, slots=True)
+class TierView:
+    """One tier's view of one table: what it answered and what it holds."""
+
+    hits: int
+    misses: int
+    latency: HistogramSnapshot
+    held: TierTableStats
+
+
+@dataclass(frozen=True, slots=True)
+class TableStats:
+    lookups: int
+    keys: int
+    unique_keys: int
+    not_found: int  # unique keys no tier held: answered with the default row
+    tiers: dict[str, TierView]
+
+
+@dataclass(frozen=True, slots=True)
+class PSStats:
+    tables: dict[str, TableStats]
+
+
+@dataclass(slots=True)
+class _Counters:
+    lookups: int = 0
+    keys: int = 0
+    unique_keys: int = 0
+    not_found: int = 0
+    hits: dict[str, int] = field(default_factory=dict)
+    misses: dict[str, int] = field(default_factory=dict)
+    latency: dict[str, LatencyHistogram] = field(default_factory=dict)
+
+
+class HierarchicalPS:
+    """The parameter server of one node. Thread-safe; tiers are shared by every caller."""
+
+    def __init__(self, tables: list[TableConfig], tiers: list[Tier]) -> None:
+        if not tiers:
+            raise InvalidInputError("a parameter server needs at least one tier")
+        self.tiers = tiers
+        self._tables = {t.name: t for t in tables}
+        self._defaults = {t.name: t.default_row() for t in tables}
+        self._counters = {t.name: self._new_counters() for t in tables}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: PSConfig) -> HierarchicalPS:
+        """DRAM tier in front of RocksDB, as enabled in the config."""
+        from recserve.ps.dram import DramTier
+        from recserve.ps.rocks import RocksTier
+
+        tiers: list[Tier] = []
+        try:
+            if config.dram.enabled:
+                tiers.append(DramTier.create(config.tables, config.dram))
+            if config.rocksdb.enabled:
+                tiers.append(RocksTier(config.rocksdb, config.tables))
+        except BaseException:
+            for tier in tiers:
+                tier.close()
+            raise
+        return cls(config.tables, tiers)
+
+    @property
+    def tables(self) -> dict[str, TableConfig]:
+        return dict(self._tables)
+
+    def table(self, name: str) -> TableConfig:
+        try:
+            return self._tables[name]
+        except KeyError:
+            known = ", ".join(sorted(self._tables)) or "none"
+            raise NotFoundError(f"unknown table '{name}' (known: {known})") from None
+
+    # --- reads ---
+
+    def lookup(self, table: str, keys: object) -> torch.Tensor:
+        """Rows of keys, [len(keys), dim] float32; keys in no tier get the table's default row."""
+        return torch.from_numpy(self.lookup_numpy(table, keys))
+
+    def lookup_numpy(self, table: str, keys: object) -> np.ndarray:
+        spec = self.table(table)
+        keys = as_keys(keys, table)
+        if keys.size == 0:
+            return np.empty((0, spec.dim), dtype=np.float32)
+        unique, inverse = unique_inverse(keys)
+        rows = self._lookup_unique(table, unique)
+        with self._lock:
+            counters = self._counters[table]
+            counters.lookups += 1
+            counters.keys += keys.size
+            counters.unique_keys += unique.size
+        # unique keys come in order of first appearance: with no repeats, rows are already in key order
+        return rows if unique.size == keys.size else rows[inverse]
+
+    def _lookup_unique(self, table: str, keys: np.ndarray) -> np.ndarray:
+        counters = self._counters[table]
+        rows: np.ndarray | None = None
+        pending = np.arange(keys.size)
+        for level, tier in enumerate(self.tiers):
+            started = time.perf_counter()
+            result = tier.lookup(table, keys[pending])
+            counters.latency[tier.name].record(time.perf_counter() - started)
+            num_hits = int(result.found.sum())
+            with self._lock:
+                counters.hits[tier.name] += num_hits
+                counters.misses[tier.name] += pending.size - num_hits
+            if rows is None and num_hits == pending.size:
+                return result.rows  # everything in the first tier: no copy
+            if rows is None:
+                rows = np.empty((keys.size, result.rows.shape[1]), dtype=np.float32)
+            found_at = pending[result.found]
+            rows[found_at] = result.rows[result.found]
+            if level > 0 and found_at.size:
+                self._promote(level, table, keys[found_at], rows[found_at])
+            pending = pending[~result.found]
+            if pending.size == 0:
+                return rows
+        assert rows is not None
+        rows[pending] = self._defaults[table]
+        with self._lock:
+            counters.not_found += pending.size
+        return rows
+
+    def _promote(self, level: int, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
+        for faster in self.tiers[:level]:
+            faster.insert(table, keys, rows)
+
+    # --- writes ---
+
+    def insert(self, table: str, keys: object, rows: np.ndarray) -> None:
+        """Write rows to every tier, the persistent copy first."""
+        keys, rows = self._checked_write(table, keys, rows)
+        for tier in reversed(self.tiers):
+            tier.insert(table, keys, rows)
+
+    def update(self, table: str, keys: object, rows: np.ndarray) -> None:
+        """Online update: the full copy takes every row; faster tiers refresh only rows they already hold."""
+        keys, rows = self._checked_write(table, keys, rows)
+        *faster, last = self.tiers
+        last.insert(table, keys, rows)
+        for tier in reversed(faster):
+            tier.update(table, keys, rows)
+
+    def import_table(
+        self, table: str, keys: np.ndarray, rows: np.ndarray, progress: Callable[[int], None] | None = None
+    ) -> int:
+        """Replace a table's contents in the persistent tier, then drop what faster tiers held of it."""
+        from recserve.ps.dram import DramTier
+        from recserve.ps.rocks import RocksTier
+
+        self.table(table)
+        persistent = [t for t in self.tiers if isinstance(t, RocksTier)]
+        if not persistent:
+            raise NotFoundError("import needs the RocksDB tier, which this configuration disables")
+        count = persistent[0].import_table(table, keys, rows, progress)
+        for tier in self.tiers:
+            if isinstance(tier, DramTier):
+                tier.evict(table, tier.table(table).held_keys())
+        return count
+
+    def _checked_write(self, table: str, keys: object, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        spec = self.table(table)
+        keys = as_keys(keys, table)
+        if isinstance(rows, torch.Tensor):
+            rows = rows.detach().cpu().numpy()
+        check_rows(table, rows, keys.size, spec.dim)
+        unique, inverse = unique_inverse(keys)
+        if unique.size != keys.size:  # the last row written for a key wins, as in a dict
+            last = np.empty(unique.size, dtype=np.int64)
+            last[inverse] = np.arange(keys.size)
+            return unique, np.ascontiguousarray(rows[last], dtype=np.float32)
+        return keys, np.ascontiguousarray(rows, dtype=np.float32)
+
+    # --- stats and lifetime ---
+
+    def stats(self) -> PSStats:
+        held = {tier.name: tier.stats() for tier in self.tiers}
+        tables = {}
+        with self._lock:
+            for name, c in self._counters.items():
+                tables[name] = TableStats(
+                    lookups=c.lookups, keys=c.keys, unique_keys=c.unique_keys, not_found=c.not_found,
+                    tiers={
+                        tier.name: TierView(
+                            hits=c.hits[tier.name], misses=c.misses[tier.name],
+                            latency=c.latency[tier.name].snapshot(),
+                            held=held[tier.name].get(name, TierTableStats(rows=0)),
+                        )
+                        for tier in self.tiers
+                    },
+                )
+        return PSStats(tables=tables)
+
+    def close(self) -> None:
+        for tier in self.tiers:
+            tier.close()
+
+    def __enter__(self) -> HierarchicalPS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _new_counters(self) -> _Counters:
+        names = [tier.name for tier in self.tiers]
+        return _Counters(
+            hits=dict.fromkeys(names, 0), misses=dict.fromkeys(names, 0),
+            latency={n: LatencyHistogram() for n in names},
+        )
+

@@ -1,0 +1,69 @@
+"""The one interface every storage level implements, so that backends swap freely (as HPS's database backends).
+
+A tier maps (table, int64 key) -> row. Keys reaching a tier are already validated, 1-D int64 and unique; rows
+are float32 [n, dim] whatever the tier stores. The hierarchical PS asks the tiers fastest first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from recserve.errors import InvalidInputError
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    rows: np.ndarray  # [num_keys, dim] float32; rows where found is False hold garbage
+    found: np.ndarray  # [num_keys] bool
+
+
+@dataclass(frozen=True, slots=True)
+class TierTableStats:
+    """What a tier holds of one table and what its capacity policy did."""
+
+    rows: int
+    capacity_rows: int | None = None  # None: unbounded (the persistent tier)
+    evictions: int = 0
+    rejected: int = 0
+
+
+@runtime_checkable
+class Tier(Protocol):
+    name: str
+
+    def lookup(self, table: str, keys: np.ndarray) -> LookupResult:
+        """Rows of the keys this tier holds, and which those are."""
+        ...
+
+    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
+        """Insert or overwrite rows (a bounded tier may evict others, or refuse, by its policy)."""
+        ...
+
+    def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
+        """Overwrite the rows of keys this tier already holds; returns how many it held."""
+        ...
+
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        """Drop keys; returns how many were held."""
+        ...
+
+    def stats(self) -> dict[str, TierTableStats]:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+def check_rows(table: str, rows: np.ndarray, num_keys: int, dim: int) -> None:
+    """Rows written to a tier must be a real-valued [num_keys, dim] array."""
+    if not isinstance(rows, np.ndarray):
+        raise InvalidInputError(f"table '{table}': rows must be a numpy array, got {type(rows).__name__}")
+    if rows.dtype.kind != "f":
+        raise InvalidInputError(f"table '{table}': rows must be floating point, got dtype {rows.dtype}")
+    if rows.shape != (num_keys, dim):
+        raise InvalidInputError(
+            f"table '{table}': rows must have shape ({num_keys}, {dim}) for {num_keys} keys, got {rows.shape}"
+        )
