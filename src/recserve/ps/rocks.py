@@ -83,6 +83,8 @@ class RocksTier:
         options.create_if_missing(True)
         if not config.read_only:
             self._path.mkdir(parents=True, exist_ok=True)
+        elif not (self._path / "CURRENT").exists():
+            raise NotFoundError(f"rocksdb: no store at {self._path} (create one with `recserve import`)")
         families = self._existing_families()
         access = rocksdict.AccessType.read_only() if config.read_only else rocksdict.AccessType.read_write()
         try:

@@ -1,0 +1,40 @@
+"""Shared builders for the tests: configs, parameter servers and rows that are easy to check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, TableConfig
+from recserve.ps.server import HierarchicalPS
+
+
+def make_table(name: str = "t", dim: int = 8, **fields: object) -> TableConfig:
+    return TableConfig(name=name, dim=dim, **fields)
+
+
+def make_ps_config(store: Path, tables: list[TableConfig], *, dram: bool = True, partitions: int = 4,
+                   target: float = 0.8) -> PSConfig:
+    return PSConfig(
+        tables=tables,
+        dram=DramTierConfig(enabled=dram, num_partitions=partitions, overflow_resolution_target=target),
+        rocksdb=RocksTierConfig(path=store, block_cache_bytes=8 << 20),
+    )
+
+
+def rows_for(keys: np.ndarray, dim: int, version: int = 0) -> np.ndarray:
+    """Rows whose values encode (key, version, column): any mix-up shows."""
+    keys = np.asarray(keys, dtype=np.int64)
+    cols = np.arange(dim, dtype=np.float64)
+    return (keys[:, None] * 1000.0 + version * 10.0 + cols[None, :] / 100.0).astype(np.float32)
+
+
+@pytest.fixture
+def ps(tmp_path: Path) -> Iterator[HierarchicalPS]:
+    """A PS with one 8-dim table 't': DRAM tier of 16 rows in front of RocksDB."""
+    config = make_ps_config(tmp_path / "store", [make_table(dram_capacity_rows=16)], partitions=2)
+    with HierarchicalPS.from_config(config) as server:
+        yield server

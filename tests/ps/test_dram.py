@@ -1,0 +1,349 @@
+"""The DRAM tier against a plain-Python reference model, across processes, and under concurrent writes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from recserve.config import DramTierConfig, TableConfig, capacity_rows
+from recserve.errors import InvalidInputError, NotFoundError
+from recserve.ps import _hashmap as hm
+from recserve.ps.dram import DramTableHandle, DramTier
+from tests.conftest import rows_for
+
+DIM = 4
+
+
+@dataclass
+class Entry:
+    row: np.ndarray
+    time: int
+    count: int
+
+
+@dataclass
+class ReferenceTable:
+    """What the DRAM tier must hold: a dict, plus the LRU clock and LFU counts that choose victims."""
+
+    policy: str
+    num_partitions: int
+    capacity: int  # per partition
+    keep: int
+    entries: dict[int, Entry] = field(default_factory=dict)
+    clock: int = 0
+    evictions: int = 0
+
+    def partition(self, key: int) -> int:
+        return int(hm.partitions_of(np.array([key], dtype=np.int64), self.num_partitions)[0])
+
+    def size(self, p: int) -> int:
+        return sum(1 for k in self.entries if self.partition(k) == p)
+
+    def tick(self, n: int) -> int:
+        now, self.clock = self.clock, self.clock + n
+        return now
+
+    def lookup(self, keys: list[int]) -> dict[int, np.ndarray]:
+        now = self.tick(len(keys))
+        out = {}
+        for i, key in enumerate(keys):
+            if key in self.entries:
+                entry = self.entries[key]
+                entry.time = now + i
+                entry.count += self.policy == "evict_lfu"
+                out[key] = entry.row
+        return out
+
+    def insert(self, keys: list[int], rows: np.ndarray) -> None:
+        now = self.tick(len(keys))
+        for i, key in enumerate(keys):
+            if key in self.entries:
+                entry = self.entries[key]
+                entry.row, entry.time, entry.count = rows[i], now + i, entry.count + 1
+                continue
+            p = self.partition(key)
+            if self.size(p) >= self.capacity:
+                if self.policy == "reject":
+                    continue
+                self._evict_from(p)
+            self.entries[key] = Entry(rows[i], now + i, 1)
+
+    def _evict_from(self, p: int) -> None:
+        held = [k for k in self.entries if self.partition(k) == p]
+        if self.policy == "evict_lfu":
+            held.sort(key=lambda k: (self.entries[k].count, self.entries[k].time))
+        else:
+            held.sort(key=lambda k: self.entries[k].time)
+        victims = held[: len(held) - self.keep]
+        for key in victims:
+            del self.entries[key]
+        self.evictions += len(victims)
+
+    def update(self, keys: list[int], rows: np.ndarray) -> int:
+        self.tick(len(keys))
+        held = 0
+        for i, key in enumerate(keys):
+            if key in self.entries:
+                self.entries[key].row = rows[i]
+                held += 1
+        return held
+
+    def evict(self, keys: list[int]) -> int:
+        removed = [k for k in dict.fromkeys(keys) if k in self.entries]
+        for key in removed:
+            del self.entries[key]
+        return len(removed)
+
+
+def make_tier(tmp_shm: Path, policy: str, partitions: int, capacity: int, target: float,
+              dtype: str = "float32") -> DramTier:
+    table = TableConfig(name="t", dim=DIM, dtype=dtype, dram_capacity_rows=capacity, overflow_policy=policy)
+    return DramTier.create([table], DramTierConfig(num_partitions=partitions, overflow_resolution_target=target,
+                                                   shm_dir=tmp_shm))
+
+
+@pytest.fixture
+def shm_dir(tmp_path: Path) -> Path:
+    """A private folder for the tier's files (tmpfs-backed /dev/shm is the default outside tests)."""
+    path = Path("/dev/shm") / f"recserve-test-{tmp_path.name}"
+    path.mkdir()
+    yield path
+    for leftover in path.iterdir():
+        leftover.unlink()
+    path.rmdir()
+
+
+keys_strategy = st.lists(st.integers(min_value=-3, max_value=40), min_size=0, max_size=24)
+op_strategy = st.tuples(st.sampled_from(["lookup", "insert", "insert", "update", "evict"]), keys_strategy)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    policy=st.sampled_from(["evict_lru", "evict_lfu", "reject"]),
+    partitions=st.integers(1, 3),
+    capacity=st.integers(1, 12),
+    target=st.sampled_from([0.3, 0.8, 1.0]),
+    ops=st.lists(op_strategy, min_size=1, max_size=30),
+)
+def test_matches_reference_model(shm_dir: Path, policy: str, partitions: int, capacity: int, target: float,
+                                 ops: list) -> None:
+    tier = make_tier(shm_dir, policy, partitions, capacity, target)
+    try:
+        handle = tier.table("t").handle
+        ref = ReferenceTable(policy, handle.num_partitions, handle.capacity, handle.keep)
+        for step, (kind, keys) in enumerate(ops):
+            keys_arr = np.asarray(keys, dtype=np.int64)
+            rows = rows_for(keys_arr, DIM, version=step)
+            if kind == "lookup":
+                keys_arr = np.unique(keys_arr)  # the PS dedupes before the tier; order is then by key
+                expected = ref.lookup(keys_arr.tolist())
+                result = tier.lookup("t", keys_arr)
+                assert result.found.tolist() == [k in expected for k in keys_arr.tolist()]
+                for key, row in zip(keys_arr[result.found].tolist(), result.rows[result.found], strict=True):
+                    np.testing.assert_array_equal(row, expected[key])
+            elif kind == "insert":
+                ref.insert(keys, rows)
+                tier.insert("t", keys_arr, rows)
+            elif kind == "update":
+                assert tier.update("t", keys_arr, rows) == ref.update(keys, rows)
+            else:
+                assert tier.evict("t", keys_arr) == ref.evict(keys)
+            assert sorted(tier.table("t").held_keys().tolist()) == sorted(ref.entries)
+            stats = tier.stats()["t"]
+            assert stats.rows == len(ref.entries)
+            assert stats.evictions == ref.evictions
+    finally:
+        tier.close()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(op_strategy, min_size=1, max_size=30), capacity=st.integers(1, 10))
+def test_random_eviction_keeps_latest_rows_within_capacity(shm_dir: Path, ops: list, capacity: int) -> None:
+    """Victims are random, so check the invariants: never over capacity, every hit is the latest row."""
+    tier = make_tier(shm_dir, "evict_random", 2, capacity, 0.8)
+    try:
+        latest: dict[int, np.ndarray] = {}
+        for step, (kind, keys) in enumerate(ops):
+            keys_arr = np.asarray(keys, dtype=np.int64)
+            rows = rows_for(keys_arr, DIM, version=step)
+            if kind in ("insert", "update"):
+                held_before = set(tier.table("t").held_keys().tolist())
+                getattr(tier, kind)("t", keys_arr, rows)
+                for i, key in enumerate(keys):
+                    if kind == "insert" or key in held_before:
+                        latest[key] = rows[i]
+            elif kind == "evict":
+                tier.evict("t", keys_arr)
+                for key in keys:
+                    latest.pop(key, None)
+            asked = np.unique(keys_arr)
+            result = tier.lookup("t", asked)
+            for key, row in zip(asked[result.found].tolist(), result.rows[result.found], strict=True):
+                np.testing.assert_array_equal(row, latest[key])
+            held = tier.table("t").held_keys().tolist()
+            assert len(held) <= tier.stats()["t"].capacity_rows
+            assert set(held) <= set(latest)
+    finally:
+        tier.close()
+
+
+def test_float16_rows_are_stored_half_and_returned_float32(shm_dir: Path) -> None:
+    tier = make_tier(shm_dir, "evict_lru", 2, 32, 0.8, dtype="float16")
+    try:
+        keys = np.arange(10, dtype=np.int64)
+        rows = np.random.default_rng(0).normal(size=(10, DIM)).astype(np.float32)
+        tier.insert("t", keys, rows)
+        result = tier.lookup("t", keys)
+        assert result.rows.dtype == np.float32 and result.found.all()
+        np.testing.assert_array_equal(result.rows, rows.astype(np.float16).astype(np.float32))
+        assert tier.table("t").handle.words == hm.RECORD_HEADER_WORDS + 1  # 4 halves fill one word
+    finally:
+        tier.close()
+
+
+def test_capacity_in_bytes_bounds_the_shared_memory(shm_dir: Path) -> None:
+    budget = 1 << 20
+    table = TableConfig(name="t", dim=64, dram_capacity_bytes=budget)
+    config = DramTierConfig(num_partitions=4, shm_dir=shm_dir)
+    tier = DramTier.create([table], config)
+    try:
+        handle = tier.table("t").handle
+        assert handle.capacity * handle.num_partitions >= capacity_rows(table, config)
+        assert handle.nbytes <= 1.3 * budget
+    finally:
+        tier.close()
+
+
+def test_bad_writes_are_refused_and_change_nothing(shm_dir: Path) -> None:
+    tier = make_tier(shm_dir, "evict_lru", 2, 8, 0.8)
+    try:
+        keys = np.arange(3, dtype=np.int64)
+        tier.insert("t", keys, rows_for(keys, DIM))
+        with pytest.raises(InvalidInputError, match=r"shape \(3, 4\)"):
+            tier.insert("t", keys, np.zeros((3, DIM + 1), np.float32))
+        with pytest.raises(InvalidInputError, match="floating point"):
+            tier.insert("t", keys, np.zeros((3, DIM), np.int32))
+        with pytest.raises(NotFoundError, match="unknown table 'nope'"):
+            tier.lookup("nope", keys)
+        np.testing.assert_array_equal(tier.lookup("t", keys).rows, rows_for(keys, DIM))
+    finally:
+        tier.close()
+
+
+def test_close_removes_the_shared_memory_file(shm_dir: Path) -> None:
+    tier = make_tier(shm_dir, "evict_lru", 2, 8, 0.8)
+    path = Path(tier.table("t").handle.path)
+    assert path.exists()
+    tier.close()
+    assert not path.exists()
+
+
+# --- several processes, one copy ---------------------------------------------------------------------------
+
+
+def _read_in_child(handles: list[DramTableHandle], keys: np.ndarray, queue: mp.Queue) -> None:
+    tier = DramTier.attach(handles)
+    result = tier.lookup("t", keys)
+    tier.insert("t", np.array([999], dtype=np.int64), rows_for(np.array([999]), DIM, version=7))
+    queue.put((result.rows, result.found))
+    tier.close()
+
+
+def test_another_process_reads_and_writes_the_same_copy(shm_dir: Path) -> None:
+    tier = make_tier(shm_dir, "evict_lru", 2, 64, 0.8)
+    try:
+        keys = np.arange(20, dtype=np.int64)
+        tier.insert("t", keys, rows_for(keys, DIM))
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_read_in_child, args=(tier.handles(), keys, queue))
+        child.start()
+        rows, found = queue.get(timeout=120)
+        child.join(timeout=60)
+        assert child.exitcode == 0
+        assert found.all()
+        np.testing.assert_array_equal(rows, rows_for(keys, DIM))
+        seen = tier.lookup("t", np.array([999], dtype=np.int64))  # the child's write, seen here
+        np.testing.assert_array_equal(seen.rows[0], rows_for(np.array([999]), DIM, version=7)[0])
+        assert Path(tier.table("t").handle.path).exists()  # the child's close did not remove it
+    finally:
+        tier.close()
+
+
+# --- torn reads ------------------------------------------------------------------------------------------
+
+HAMMER_DIM = 1024  # long rows: a copy takes long enough for a writer to land in the middle of it
+HAMMER_KEYS = 100
+
+
+def _hammer_row(key: int, version: int) -> np.ndarray:
+    return np.full(HAMMER_DIM, key * 100_000 + version, dtype=np.float32)  # exact in float32
+
+
+def _hammer_reader(handles: list[DramTableHandle], seconds: float, seed: int, queue: mp.Queue) -> None:
+    tier = DramTier.attach(handles)
+    tier.lookup("t", np.arange(4, dtype=np.int64))  # compile or load the kernel before the clock starts
+    rng = np.random.default_rng(seed)
+    observed: set[tuple[int, int]] = set()
+    torn = hits = reads = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        keys = np.unique(rng.integers(0, HAMMER_KEYS, 32)).astype(np.int64)
+        result = tier.lookup("t", keys)
+        reads += keys.size
+        for key, row in zip(keys[result.found].tolist(), result.rows[result.found], strict=True):
+            hits += 1
+            if not (row == row[0]).all() or int(row[0]) // 100_000 != key:
+                torn += 1
+            observed.add((key, int(row[0]) % 100_000))
+    tier.close()
+    queue.put((torn, hits, reads, observed))
+
+
+def test_readers_never_see_a_torn_row_while_a_writer_inserts_updates_and_evicts(shm_dir: Path) -> None:
+    # A small capacity keeps the writer evicting, so records are constantly retired and reused.
+    table = TableConfig(name="t", dim=HAMMER_DIM, dram_capacity_rows=40)
+    tier = DramTier.create([table], DramTierConfig(num_partitions=2, shm_dir=shm_dir))
+    try:
+        written: set[tuple[int, int]] = set()
+
+        def write(keys: np.ndarray, version: int, action: int) -> None:
+            rows = np.stack([_hammer_row(int(k), version) for k in keys])
+            if action == 0:
+                tier.insert("t", keys, rows)
+            elif action == 1:
+                tier.update("t", keys, rows)
+            else:
+                tier.evict("t", keys[:2])
+            if action != 2:
+                written.update((int(k), version) for k in keys)
+
+        write(np.arange(40, dtype=np.int64), 0, 0)  # a full table before the readers start
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        readers = [ctx.Process(target=_hammer_reader, args=(tier.handles(), 3.0, seed, queue)) for seed in (1, 2)]
+        for reader in readers:
+            reader.start()
+        rng = np.random.default_rng(0)
+        version = 0
+        deadline = time.monotonic() + 120
+        while queue.qsize() < len(readers) and time.monotonic() < deadline:
+            version = version % 99_999 + 1
+            write(np.unique(rng.integers(0, HAMMER_KEYS, 8)).astype(np.int64), version, version % 3)
+        results = [queue.get(timeout=120) for _ in readers]
+        for reader in readers:
+            reader.join(timeout=60)
+        for torn, hits, reads, observed in results:
+            assert torn == 0
+            assert hits > 1000, f"too few hits to mean anything: {hits} of {reads}"
+            assert observed <= written, f"rows never written: {sorted(observed - written)[:5]}"
+        assert tier.stats()["t"].evictions > 0
+    finally:
+        tier.close()
