@@ -35,7 +35,10 @@ class TableConfig(StrictModel):
     default_value: float | list[float] = Field(
         0.0, description="Row returned for a key found in no tier: one value for every column, or a full row."
     )
-    dram_capacity_rows: int | None = Field(None, gt=0, description="Rows the DRAM tier holds for this table.")
+    dram_capacity_rows: int | None = Field(
+        None, gt=0, description="Rows the DRAM tier holds for this table (split over partitions, with a little "
+        "headroom for uneven hashing, so a table sized to its row count holds every row)."
+    )
     dram_capacity_bytes: int | None = Field(
         None, gt=0, description="Alternative to dram_capacity_rows: a memory budget, rows and index included."
     )

@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from recserve.ps._atomics import fetch_add, full_fence, load_acquire, store_release
+from recserve.ps._atomics import acquire_fence, fetch_add, load_acquire, release_fence, store_release
 
 # The default "workqueue" layer aborts when two threads enter parallel kernels at once; serving calls these
 # kernels from several worker threads, so ask for a thread-safe layer (OpenMP or TBB).
@@ -94,45 +94,67 @@ def find_slot(slots, p, num_slots, key):
     return -1
 
 
+@njit(inline="always", cache=True)
+def locate(part, slots, num_slots, key):
+    """Record of key, or -1 for a miss that no concurrent move could have caused."""
+    p = partition_of(key, part.shape[0])
+    for _ in range(MAX_RETRIES):
+        seq = load_acquire(part[p], P_SEQ)
+        if seq & 1:
+            continue
+        e = find_slot(slots, p, num_slots, key)
+        if e >= 0:
+            r = slots[2 * e + 1]
+            if r >= 0:
+                return r
+            continue
+        acquire_fence()
+        if load_acquire(part[p], P_SEQ) == seq:
+            return -1
+    return -1
+
+
+@njit(inline="always", cache=True)
+def copy_record(rec, values, r, words, offset, key, out_row):
+    """Copy record r into out_row if it holds key and no writer touched it meanwhile (the seqlock read)."""
+    head = r * words
+    version = load_acquire(rec, head + R_VERSION)
+    if version & 1:
+        return False
+    owner = rec[head + R_KEY]
+    for c in range(out_row.size):
+        # an unsigned index: numba then skips its negative-index wraparound test, and the copy vectorizes (4x)
+        out_row[c] = values[r, np.uint64(offset + c)]
+    acquire_fence()
+    return load_acquire(rec, head + R_VERSION) == version and owner == key
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
-    """out[i] = row of keys[i] where found[i]; marks each hit as just used."""
+    """out[i] = row of keys[i] where found[i]; marks each hit as just used.
+
+    Two passes, as a gather is fast only when it knows every row's address up front: the first finds all
+    records (short loop bodies, so the CPU overlaps many cache misses), the second copies them. A record that
+    changed in between fails its seqlock check and is looked up again, one key at a time.
+    """
     n = keys.size
-    dim = out.shape[1]
     now = fetch_add(clock, 0, n)
-    num_partitions = part.shape[0]
+    where = np.empty(n, dtype=np.int64)
     for i in prange(n):
-        key = keys[i]
-        p = partition_of(key, num_partitions)
-        found[i] = False
+        where[i] = locate(part, slots, num_slots, keys[i])
+    for i in prange(n):
+        r = where[i]
+        ok = r >= 0 and copy_record(rec, values, r, words, offset, keys[i], out[i])
         for _ in range(MAX_RETRIES):
-            seq = load_acquire(part[p], P_SEQ)
-            if seq & 1:
-                continue
-            e = find_slot(slots, p, num_slots, key)
-            if e < 0:
-                full_fence()
-                if load_acquire(part[p], P_SEQ) == seq:
-                    break  # a true miss: nothing moved while we probed
-                continue
-            r = slots[2 * e + 1]
-            if r < 0:
-                continue
-            head = r * words
-            version = load_acquire(rec, head + R_VERSION)
-            if version & 1:
-                continue
-            owner = rec[head + R_KEY]
-            for c in range(dim):
-                out[i, c] = values[r, offset + c]
-            full_fence()
-            if load_acquire(rec, head + R_VERSION) != version or owner != key:
-                continue
-            found[i] = True
-            rec[head + R_TIME] = now + i
+            if ok or r < 0:
+                break
+            r = locate(part, slots, num_slots, keys[i])
+            ok = r >= 0 and copy_record(rec, values, r, words, offset, keys[i], out[i])
+        found[i] = ok
+        if ok:
+            rec[r * words + R_TIME] = now + i
             if track_count:
-                rec[head + R_COUNT] += 1
-            break
+                rec[r * words + R_COUNT] += 1
 
 
 @njit(inline="always", cache=True)
@@ -140,11 +162,11 @@ def write_record(rec, values, r, words, offset, key, row):
     head = r * words
     version = rec[head + R_VERSION]
     store_release(rec, head + R_VERSION, version + 1)
-    full_fence()
+    release_fence()
     rec[head + R_KEY] = key
     for c in range(row.size):
-        values[r, offset + c] = row[c]
-    full_fence()
+        values[r, np.uint64(offset + c)] = row[c]
+    release_fence()
     store_release(rec, head + R_VERSION, version + 2)
 
 
@@ -154,9 +176,9 @@ def retire_record(rec, r, words):
     head = r * words
     version = rec[head + R_VERSION]
     store_release(rec, head + R_VERSION, version + 1)
-    full_fence()
+    release_fence()
     rec[head + R_KEY] = rec[head + R_KEY] ^ 1
-    full_fence()
+    release_fence()
     store_release(rec, head + R_VERSION, version + 2)
 
 
@@ -233,10 +255,10 @@ def evict_for_space(part, slots, rec, free, p, num_slots, capacity, words, polic
         victims[j] = slots[2 * entries[order[j]]]  # keys: entries move while we delete
     seq = part[p, P_SEQ]
     store_release(part[p], P_SEQ, seq + 1)
-    full_fence()
+    release_fence()
     for key in victims:
         free_record(part, slots, rec, free, p, num_slots, capacity, words, find_slot(slots, p, num_slots, key))
-    full_fence()
+    release_fence()
     store_release(part[p], P_SEQ, seq + 2)
     part[p, P_EVICTIONS] += n - keep
 
@@ -290,14 +312,14 @@ def evict_kernel(part, slots, rec, free, keys, order, starts, removed, num_slots
             continue
         seq = part[p, P_SEQ]
         store_release(part[p], P_SEQ, seq + 1)
-        full_fence()
+        release_fence()
         for j in range(starts[p], starts[p + 1]):
             i = order[j]
             e = find_slot(slots, p, num_slots, keys[i])
             removed[i] = e >= 0
             if e >= 0:
                 free_record(part, slots, rec, free, p, num_slots, capacity, words, e)
-        full_fence()
+        release_fence()
         store_release(part[p], P_SEQ, seq + 2)
 
 

@@ -1,0 +1,206 @@
+"""Parameter-server lookup speed, each figure against its limit or rival measured in the same run.
+
+    python benchmarks/bench_lookup.py            # 10M keys x 64 float32 (about 8 GB of RAM at peak)
+    python benchmarks/bench_lookup.py --quick    # 1M keys, for CI-sized machines
+
+Batches of 65,536 keys. Prints every figure; the last line is one JSON object whose ratio keys are
+dram_vs_gather, dram_vs_redis, dram_vs_dict, rocks_vs_dbbench.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from numba import njit, prange
+
+from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, TableConfig
+from recserve.ps.dram import DramTier
+from recserve.ps.rocks import RocksTier
+from recserve.ps.server import HierarchicalPS
+from recserve.synthetic import ZipfKeys, random_rows
+
+BATCH = 65_536
+DIM = 64
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def gather_rows(table, index, out):
+    for i in prange(index.size):
+        row = index[i]
+        for c in range(table.shape[1]):
+            out[i, c] = table[row, c]
+
+
+def keys_per_s(run: Callable[[np.ndarray], object], batches: list[np.ndarray], repeats: int = 3) -> float:
+    """Median over repeats of the whole pass over `batches` (one warm-up pass first)."""
+    run(batches[0])
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            run(batch)
+        times.append(time.perf_counter() - started)
+    return sum(b.size for b in batches) / statistics.median(times)
+
+
+def build_dram(num_rows: int, rows: np.ndarray, shm: Path) -> DramTier:
+    table = TableConfig(name="t", dim=DIM, dram_capacity_rows=num_rows)
+    tier = DramTier.create([table], DramTierConfig(num_partitions=8, shm_dir=shm))
+    keys = np.arange(num_rows, dtype=np.int64)
+    for start in range(0, num_rows, 1 << 20):
+        tier.insert("t", keys[start : start + (1 << 20)], rows[start : start + (1 << 20)])
+    return tier
+
+
+def bench_dram(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], shm: Path) -> dict:
+    started = time.perf_counter()
+    tier = build_dram(num_rows, rows, shm)
+    insert_rows_per_s = num_rows / (time.perf_counter() - started)
+    try:
+        dram = keys_per_s(lambda b: tier.lookup("t", b), batches)
+        assert all(tier.lookup("t", b).found.all() for b in batches[:2])
+
+        def gather(batch: np.ndarray) -> None:
+            gather_rows(rows, batch, np.empty((batch.size, DIM), dtype=np.float32))
+
+        gather_limit = keys_per_s(gather, batches)
+        table = {int(k): rows[k] for k in range(num_rows)}
+        as_dict = keys_per_s(lambda b: np.stack([table[k] for k in b.tolist()]), batches[:4], repeats=1)
+    finally:
+        tier.close()
+    return {"dram_keys_per_s": dram, "gather_keys_per_s": gather_limit, "dict_keys_per_s": as_dict,
+            "dram_insert_rows_per_s": insert_rows_per_s}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_redis(rows: np.ndarray, batches: list[np.ndarray]) -> dict:
+    """MGET of the same batches, 1,000 keys per call, from a redis-server on loopback holding those keys."""
+    import redis
+
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is missing: run `make system-deps` (Debian package redis-server)")
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        wanted = np.unique(np.concatenate(batches))
+        for start in range(0, wanted.size, 10_000):
+            chunk = wanted[start : start + 10_000]
+            client.mset({int(k).to_bytes(8, "little", signed=True): rows[k].tobytes() for k in chunk})
+
+        def mget(batch: np.ndarray) -> np.ndarray:
+            names = [int(k).to_bytes(8, "little", signed=True) for k in batch.tolist()]
+            values = []
+            for start in range(0, len(names), 1000):
+                values.extend(client.mget(names[start : start + 1000]))
+            return np.frombuffer(b"".join(values), dtype=np.float32).reshape(-1, DIM)
+
+        np.testing.assert_array_equal(mget(batches[0]), rows[batches[0]])
+        return {"redis_mget_keys_per_s": keys_per_s(mget, batches[:4], repeats=1)}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def bench_rocks(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], store: Path) -> dict:
+    table = TableConfig(name="t", dim=DIM)
+    tier = RocksTier(RocksTierConfig(path=store), [table])
+    started = time.perf_counter()
+    tier.import_table("t", np.arange(num_rows, dtype=np.int64), rows)
+    import_rows_per_s = num_rows / (time.perf_counter() - started)
+    try:
+        rocks = keys_per_s(lambda b: tier.lookup("t", b), batches[:4], repeats=1)
+        np.testing.assert_array_equal(tier.lookup("t", batches[0]).rows, rows[batches[0]])
+    finally:
+        tier.close()
+    return {"rocks_keys_per_s": rocks, "rocks_import_rows_per_s": import_rows_per_s}
+
+
+def bench_dbbench(num_rows: int, reads: int, folder: Path) -> dict:
+    """db_bench's own multireadrandom on a DB of the same key count and value size (the RocksDB limit)."""
+    if shutil.which("db_bench") is None:
+        raise SystemExit("db_bench is missing: run `make system-deps` (Debian package rocksdb-tools)")
+    common = [f"--db={folder}", f"--num={num_rows}", "--key_size=8", f"--value_size={DIM * 4}",
+              "--compression_type=snappy", f"--cache_size={256 << 20}", "--threads=1"]
+    subprocess.run(["db_bench", "--benchmarks=fillseq", *common], check=True, capture_output=True)
+    out = subprocess.run(
+        ["db_bench", "--benchmarks=multireadrandom", "--use_existing_db=1", f"--reads={reads}",
+         "--batch_size=10000", "--bloom_bits=10", *common],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    match = re.search(r"multireadrandom\s*:\s*[\d.]+ micros/op (\d+) ops/sec", out)
+    if not match:
+        raise SystemExit(f"could not read db_bench's output:\n{out}")
+    return {"dbbench_multireadrandom_keys_per_s": float(match.group(1))}
+
+
+def bench_zipf(num_rows: int, store: Path, shm: Path) -> dict:
+    """The PS with the DRAM tier at 10% of rows in front of the imported RocksDB, under Zipf(1.05) keys."""
+    table = TableConfig(name="t", dim=DIM, dram_capacity_rows=num_rows // 10)
+    config = PSConfig(tables=[table], dram=DramTierConfig(num_partitions=8, shm_dir=shm),
+                      rocksdb=RocksTierConfig(path=store))
+    zipf = ZipfKeys(num_rows, alpha=1.05, seed=3)
+    with HierarchicalPS.from_config(config) as ps:
+        for _ in range(20):  # warm the DRAM tier
+            ps.lookup_numpy("t", zipf.sample(BATCH))
+        before = ps.stats().tables["t"].tiers["dram"]
+        batches = [zipf.sample(BATCH) for _ in range(20)]
+        speed = keys_per_s(lambda b: ps.lookup_numpy("t", b), batches, repeats=1)
+        after = ps.stats().tables["t"].tiers["dram"]
+    hits, misses = after.hits - before.hits, after.misses - before.misses
+    return {"zipf_dram10_hit_rate": hits / (hits + misses), "zipf_dram10_keys_per_s": speed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1M keys instead of 10M")
+    args = parser.parse_args()
+    num_rows = 1_000_000 if args.quick else 10_000_000
+    rng = np.random.default_rng(0)
+    rows = random_rows(num_rows, DIM, seed=0)
+    batches = [rng.integers(0, num_rows, BATCH).astype(np.int64) for _ in range(16)]
+    figures: dict[str, float] = {"num_rows": num_rows, "dim": DIM, "batch": BATCH}
+    with tempfile.TemporaryDirectory(prefix="recserve-bench-") as scratch:
+        scratch_path = Path(scratch)
+        with tempfile.TemporaryDirectory(prefix="recserve-bench-", dir="/dev/shm") as shm:
+            figures |= bench_dram(num_rows, rows, batches, Path(shm))
+            figures |= bench_redis(rows, batches)
+            figures |= bench_rocks(num_rows, rows, batches, scratch_path / "store")
+            figures |= bench_dbbench(num_rows, 4 * BATCH, scratch_path / "dbbench")
+            figures |= bench_zipf(num_rows, scratch_path / "store", Path(shm))
+    figures["dram_vs_gather"] = figures["dram_keys_per_s"] / figures["gather_keys_per_s"]
+    figures["dram_vs_redis"] = figures["dram_keys_per_s"] / figures["redis_mget_keys_per_s"]
+    figures["dram_vs_dict"] = figures["dram_keys_per_s"] / figures["dict_keys_per_s"]
+    figures["rocks_vs_dbbench"] = figures["rocks_keys_per_s"] / figures["dbbench_multireadrandom_keys_per_s"]
+    for name, value in figures.items():
+        print(f"{name:<36} {value:>16,.3f}" if isinstance(value, float) else f"{name:<36} {value:>16,}")
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+
+
+if __name__ == "__main__":
+    main()
