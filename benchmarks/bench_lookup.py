@@ -4,7 +4,8 @@
     python benchmarks/bench_lookup.py --quick    # 1M keys, for CI-sized machines
 
 Batches of 65,536 keys. Prints every figure; the last line is one JSON object whose ratio keys are
-dram_vs_gather, dram_vs_redis, dram_vs_dict, rocks_vs_dbbench.
+dram_vs_gather, dram_vs_redis, dram_vs_dict, rocks_vs_dbbench, and dram_private_vs_gather (the DRAM tier in
+one process's private memory, which may use huge pages, instead of shared memory).
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def keys_per_s(run: Callable[[np.ndarray], object], batches: list[np.ndarray], r
     return sum(b.size for b in batches) / statistics.median(times)
 
 
-def build_dram(num_rows: int, rows: np.ndarray, shm: Path) -> DramTier:
+def build_dram(num_rows: int, rows: np.ndarray, shm: Path, shared: bool = True) -> DramTier:
     table = TableConfig(name="t", dim=DIM, dram_capacity_rows=num_rows)
-    tier = DramTier.create([table], DramTierConfig(num_partitions=8, shm_dir=shm))
+    tier = DramTier.create([table], DramTierConfig(num_partitions=8, shm_dir=shm, shared_memory=shared))
     keys = np.arange(num_rows, dtype=np.int64)
     for start in range(0, num_rows, 1 << 20):
         tier.insert("t", keys[start : start + (1 << 20)], rows[start : start + (1 << 20)])
@@ -79,8 +80,13 @@ def bench_dram(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], shm: 
         as_dict = keys_per_s(lambda b: np.stack([table[k] for k in b.tolist()]), batches[:4], repeats=1)
     finally:
         tier.close()
-    return {"dram_keys_per_s": dram, "gather_keys_per_s": gather_limit, "dict_keys_per_s": as_dict,
-            "dram_insert_rows_per_s": insert_rows_per_s}
+    private = build_dram(num_rows, rows, shm, shared=False)  # one process's memory: huge pages where allowed
+    try:
+        dram_private = keys_per_s(lambda b: private.lookup("t", b), batches)
+    finally:
+        private.close()
+    return {"dram_keys_per_s": dram, "dram_private_keys_per_s": dram_private, "gather_keys_per_s": gather_limit,
+            "dict_keys_per_s": as_dict, "dram_insert_rows_per_s": insert_rows_per_s}
 
 
 def free_port() -> int:
@@ -194,6 +200,7 @@ def main() -> None:
             figures |= bench_dbbench(num_rows, 4 * BATCH, scratch_path / "dbbench")
             figures |= bench_zipf(num_rows, scratch_path / "store", Path(shm))
     figures["dram_vs_gather"] = figures["dram_keys_per_s"] / figures["gather_keys_per_s"]
+    figures["dram_private_vs_gather"] = figures["dram_private_keys_per_s"] / figures["gather_keys_per_s"]
     figures["dram_vs_redis"] = figures["dram_keys_per_s"] / figures["redis_mget_keys_per_s"]
     figures["dram_vs_dict"] = figures["dram_keys_per_s"] / figures["dict_keys_per_s"]
     figures["rocks_vs_dbbench"] = figures["rocks_keys_per_s"] / figures["dbbench_multireadrandom_keys_per_s"]

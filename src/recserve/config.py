@@ -80,6 +80,10 @@ class DramTierConfig(StrictModel):
         description="When a full partition must take a new key, evict down to this fraction of its capacity "
         "(batch eviction amortises the cost of finding victims; HPS's default is 0.8).",
     )
+    shared_memory: bool = Field(
+        True, description="Keep tables in shared memory so worker processes read one copy. Off: memory private "
+        "to one process (threads share it), which can use transparent huge pages and look up faster.",
+    )
     shm_dir: Path = Field(Path("/dev/shm"), description="Folder of the shared-memory files.")
 
 

@@ -347,3 +347,17 @@ def test_readers_never_see_a_torn_row_while_a_writer_inserts_updates_and_evicts(
         assert tier.stats()["t"].evictions > 0
     finally:
         tier.close()
+
+
+def test_private_memory_tables_work_and_refuse_to_be_attached(shm_dir: Path) -> None:
+    table = TableConfig(name="t", dim=DIM, dram_capacity_rows=8)
+    tier = DramTier.create([table], DramTierConfig(num_partitions=2, shared_memory=False, shm_dir=shm_dir))
+    try:
+        keys = np.arange(5, dtype=np.int64)
+        tier.insert("t", keys, rows_for(keys, DIM))
+        np.testing.assert_array_equal(tier.lookup("t", keys).rows, rows_for(keys, DIM))
+        assert not list(shm_dir.iterdir())  # nothing shared was created
+        with pytest.raises(NotFoundError, match="private memory"):
+            DramTier.attach(tier.handles())
+    finally:
+        tier.close()

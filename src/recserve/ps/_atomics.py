@@ -1,4 +1,4 @@
-"""Memory-ordering primitives for numba kernels that share arrays across threads and processes.
+"""Memory-ordering primitives (and a prefetch) for numba kernels that share arrays across threads and processes.
 
 numba exposes no atomics on the CPU, so these emit the LLVM instructions directly. The seqlocks of the DRAM
 tier need exactly these: an acquire load and a release store of a version word, a full fence between
@@ -10,6 +10,7 @@ All take a 1-D int64 array and an index.
 
 from __future__ import annotations
 
+from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
@@ -72,3 +73,19 @@ acquire_fence = _fence("acquire")
 acquire_fence.__doc__ = "Loads before it complete before loads and stores after it (seqlock readers)."
 release_fence = _fence("release")
 release_fence.__doc__ = "Loads and stores before it complete before stores after it (seqlock writers)."
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Start loading the cache line of array[index] (a hint; no fault if the address is bad)."""
+
+    def codegen(context, builder, signature, args):
+        byte_ptr = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [byte_ptr, ir.IntType(32), ir.IntType(32), ir.IntType(32)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        ptr = builder.bitcast(_pointer(context, builder, signature, args), byte_ptr)
+        read, keep_in_all_levels, data_cache = (ir.Constant(ir.IntType(32), v) for v in (0, 3, 1))
+        builder.call(fn, [ptr, read, keep_in_all_levels, data_cache])
+        return context.get_dummy_value()
+
+    return types.void(array, types.intp), codegen

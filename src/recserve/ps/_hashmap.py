@@ -25,7 +25,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from recserve.ps._atomics import acquire_fence, fetch_add, load_acquire, release_fence, store_release
+from recserve.ps._atomics import acquire_fence, fetch_add, load_acquire, prefetch, release_fence, store_release
 
 # The default "workqueue" layer aborts when two threads enter parallel kernels at once; serving calls these
 # kernels from several worker threads, so ask for a thread-safe layer (OpenMP or TBB).
@@ -33,6 +33,9 @@ numba.config.THREADING_LAYER = "threadsafe"
 
 EMPTY = -1
 MAX_RETRIES = 1 << 16
+CHUNK = 4096  # keys per parallel task of a lookup
+LOOKAHEAD_SLOTS = 32  # keys whose index slot is in flight while one is located
+LOOKAHEAD_ROWS = 16  # located keys whose row is in flight while one is copied
 # part columns
 P_SEQ, P_SIZE, P_FREE_TOP, P_EVICTIONS, P_REJECTED = 0, 1, 2, 3, 4
 # record words before the values
@@ -129,32 +132,65 @@ def copy_record(rec, values, r, words, offset, key, out_row):
     return load_acquire(rec, head + R_VERSION) == version and owner == key
 
 
+@njit(inline="always", cache=True)
+def prefetch_home(slots, num_partitions, num_slots, key):
+    e = partition_of(key, num_partitions) * num_slots + home_slot(key, num_slots)
+    prefetch(slots, 2 * e)
+
+
+@njit(inline="always", cache=True)
+def prefetch_record(rec, r, words):
+    head = r * words
+    for w in range(0, words, 8):  # a cache line is 8 words; records need not start on a line
+        prefetch(rec, head + w)
+    prefetch(rec, head + words - 1)
+
+
+@njit(inline="always", cache=True)
+def read_row(part, slots, rec, values, num_slots, words, offset, key, r, out_row):
+    """The record that holds key after a seqlock-checked copy into out_row, or -1 (a miss)."""
+    for _ in range(MAX_RETRIES):
+        if r < 0:
+            return -1
+        if copy_record(rec, values, r, words, offset, key, out_row):
+            return r
+        r = locate(part, slots, num_slots, key)  # it moved or changed while we looked: start again
+    return -1
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
     """out[i] = row of keys[i] where found[i]; marks each hit as just used.
 
-    Two passes, as a gather is fast only when it knows every row's address up front: the first finds all
-    records (short loop bodies, so the CPU overlaps many cache misses), the second copies them. A record that
-    changed in between fails its seqlock check and is looked up again, one key at a time.
+    Each key costs two dependent cache misses (index slot, then record) where a gather by known row index
+    costs one. A software pipeline hides them: while key j is located, the slot of key j + LOOKAHEAD_SLOTS
+    is being fetched, and the row of key j - LOOKAHEAD_ROWS, fetched since it was located, is copied.
     """
     n = keys.size
     now = fetch_add(clock, 0, n)
+    num_partitions = part.shape[0]
     where = np.empty(n, dtype=np.int64)
-    for i in prange(n):
-        where[i] = locate(part, slots, num_slots, keys[i])
-    for i in prange(n):
-        r = where[i]
-        ok = r >= 0 and copy_record(rec, values, r, words, offset, keys[i], out[i])
-        for _ in range(MAX_RETRIES):
-            if ok or r < 0:
-                break
-            r = locate(part, slots, num_slots, keys[i])
-            ok = r >= 0 and copy_record(rec, values, r, words, offset, keys[i], out[i])
-        found[i] = ok
-        if ok:
-            rec[r * words + R_TIME] = now + i
-            if track_count:
-                rec[r * words + R_COUNT] += 1
+    for chunk in prange((n + CHUNK - 1) // CHUNK):
+        lo = chunk * CHUNK
+        hi = min(n, lo + CHUNK)
+        for j in range(lo, min(hi, lo + LOOKAHEAD_SLOTS)):
+            prefetch_home(slots, num_partitions, num_slots, keys[j])
+        for j in range(lo, hi + LOOKAHEAD_ROWS):
+            if j < hi:
+                if j + LOOKAHEAD_SLOTS < hi:
+                    prefetch_home(slots, num_partitions, num_slots, keys[j + LOOKAHEAD_SLOTS])
+                where[j] = locate(part, slots, num_slots, keys[j])
+                if where[j] >= 0:
+                    prefetch_record(rec, where[j], words)
+            k = j - LOOKAHEAD_ROWS
+            if k < lo:
+                continue
+            r = read_row(part, slots, rec, values, num_slots, words, offset, keys[k], where[k], out[k])
+            found[k] = r >= 0
+            if r >= 0:
+                rec[r * words + R_TIME] = now + k
+                if track_count:
+                    rec[r * words + R_COUNT] += 1
 
 
 @njit(inline="always", cache=True)

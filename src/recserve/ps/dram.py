@@ -38,7 +38,7 @@ _STORAGE_DTYPE = {"float32": np.float32, "float16": np.uint16}  # float16 travel
 class DramTableHandle:
     """Everything another process needs to attach to a table: where it is and how it is laid out."""
 
-    path: str
+    path: str  # shared-memory file; "" for memory private to the creating process
     name: str
     dim: int
     dtype: str
@@ -47,6 +47,10 @@ class DramTableHandle:
     capacity: int  # rows per partition
     policy: int
     keep: int  # rows a full partition is cut down to when it must evict
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.path)
 
     @property
     def words(self) -> int:
@@ -85,17 +89,22 @@ class DramTable:
     def __init__(self, handle: DramTableHandle, *, create: bool) -> None:
         self.handle = handle
         self._owner = create
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        self._fd = os.open(handle.path, flags, 0o600)
-        try:
-            if create:
-                os.ftruncate(self._fd, handle.nbytes)
-            self._map = mmap.mmap(self._fd, handle.nbytes)
-        except BaseException:
-            os.close(self._fd)
-            if create:
-                os.unlink(handle.path)
-            raise
+        self._fd = self._open_file(handle, create) if handle.shared else None
+        if self._fd is None:
+            if not create:
+                raise NotFoundError(f"dram: table '{handle.name}' lives in one process's private memory")
+            self._map = mmap.mmap(-1, handle.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            try:
+                self._map = mmap.mmap(self._fd, handle.nbytes)
+            except BaseException:
+                os.close(self._fd)
+                raise
+        # Random row reads miss the TLB on every access with 4 KiB pages; huge pages make lookups up to 1.6x
+        # faster. Private memory gets them where transparent huge pages are on; shared memory only where the
+        # machine allows them for shmem (/sys/kernel/mm/transparent_hugepage/shmem_enabled).
+        with contextlib.suppress(OSError, AttributeError):
+            self._map.madvise(mmap.MADV_HUGEPAGE)
         words = np.frombuffer(self._map, dtype=np.int64)
         arrays, start = {}, 0
         for part_name, size in handle.sizes().items():
@@ -113,6 +122,19 @@ class DramTable:
         self._thread_lock = threading.Lock()
         if create:
             hm.init_table(self.part, self.slots, self.free, handle.capacity)
+
+    @staticmethod
+    def _open_file(handle: DramTableHandle, create: bool) -> int:
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(handle.path, flags, 0o600)
+        try:
+            if create:
+                os.ftruncate(fd, handle.nbytes)
+        except BaseException:
+            os.close(fd)
+            os.unlink(handle.path)
+            raise
+        return fd
 
     # --- reads (lock-free) ---
 
@@ -174,9 +196,10 @@ class DramTable:
             delattr(self, attr)
         with contextlib.suppress(BufferError):  # a caller still holds a view; the pages go when it does
             self._map.close()
-        os.close(self._fd)
-        if self._owner:
-            Path(self.handle.path).unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+            if self._owner:
+                Path(self.handle.path).unlink(missing_ok=True)
 
     # --- helpers ---
 
@@ -203,17 +226,19 @@ class DramTable:
 
 
 class _TableWriteLock:
-    """Excludes other threads (thread lock) and other processes (flock) from writing one table."""
+    """Excludes other threads (thread lock) and other processes (flock, when shared) from writing one table."""
 
-    def __init__(self, thread_lock: threading.Lock, fd: int) -> None:
+    def __init__(self, thread_lock: threading.Lock, fd: int | None) -> None:
         self._thread_lock, self._fd = thread_lock, fd
 
     def __enter__(self) -> None:
         self._thread_lock.acquire()
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: object) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._thread_lock.release()
 
 
@@ -231,7 +256,7 @@ class DramTier:
         created: dict[str, DramTable] = {}
         try:
             for table in tables:
-                path = str(config.shm_dir / f"{run}-{table.name}")
+                path = str(config.shm_dir / f"{run}-{table.name}") if config.shared_memory else ""
                 created[table.name] = DramTable(plan_table(table, config, path), create=True)
         except BaseException:
             for made in created.values():
