@@ -1,0 +1,138 @@
+"""SparseBatch: the one sparse input type every module speaks (after TorchRec's KeyedJaggedTensor).
+
+A batch holds the categorical features of `num_items` items (the candidates of one query), per table a flat
+int64 tensor of keys and an int64 tensor of offsets into it. Item i of table t owns keys[t][offsets[t][i] :
+offsets[t][i + 1]]. For two items and tables "user" (one key each) and "hist" (two keys, then one):
+
+    tables  = ("user", "hist")
+    keys    = {"user": [17, 17],        "hist": [5, 9, 5]}
+    offsets = {"user": [0, 1, 2],       "hist": [0, 2, 3]}
+
+"Batch size" always means items per query. The server decodes requests into a SparseBatch, the scheduler
+splits it by item range, the pooled-embedding module reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from recserve.errors import InvalidInputError
+
+
+@dataclass(frozen=True, slots=True)
+class SparseBatch:
+    tables: tuple[str, ...]
+    keys: dict[str, torch.Tensor]  # per table [num_keys_t] int64
+    offsets: dict[str, torch.Tensor]  # per table [num_items + 1] int64, offsets[0] == 0, monotone
+    num_items: int
+
+    # --- constructors ---
+
+    @classmethod
+    def from_lengths(cls, features: Mapping[str, tuple[object, object]], *, name: str = "input") -> SparseBatch:
+        """From {table: (keys, lengths)}: lengths[i] keys belong to item i."""
+        keys, offsets = {}, {}
+        for table, (table_keys, lengths) in features.items():
+            lengths_t = _int_tensor(lengths, f"{name}: table '{table}': lengths")
+            if lengths_t.dim() != 1:
+                raise InvalidInputError(f"{name}: table '{table}': lengths must be 1-D, got shape {tuple(lengths_t.shape)}")
+            if lengths_t.numel() and int(lengths_t.min()) < 0:
+                raise InvalidInputError(f"{name}: table '{table}': lengths must be >= 0, got {int(lengths_t.min())}")
+            table_offsets = torch.zeros(lengths_t.numel() + 1, dtype=torch.int64)
+            torch.cumsum(lengths_t, 0, out=table_offsets[1:])
+            keys[table], offsets[table] = table_keys, table_offsets
+        return cls.from_offsets({t: (keys[t], offsets[t]) for t in keys}, name=name)
+
+    @classmethod
+    def from_offsets(cls, features: Mapping[str, tuple[object, object]], *, name: str = "input") -> SparseBatch:
+        """From {table: (keys, offsets)}; validates every table and that all agree on the item count."""
+        if not features:
+            raise InvalidInputError(f"{name}: a sparse batch needs at least one table")
+        keys, offsets, num_items = {}, {}, None
+        for table, (table_keys, table_offsets) in features.items():
+            where = f"{name}: table '{table}'"
+            k = _int_tensor(table_keys, f"{where}: keys", require_int64=True)
+            o = _int_tensor(table_offsets, f"{where}: offsets")
+            _check_jagged(k, o, where)
+            if num_items is None:
+                num_items = o.numel() - 1
+            elif o.numel() - 1 != num_items:
+                raise InvalidInputError(f"{where}: has {o.numel() - 1} items, other tables have {num_items}")
+            keys[table], offsets[table] = k, o
+        return cls(tables=tuple(features), keys=keys, offsets=offsets, num_items=int(num_items))
+
+    @classmethod
+    def empty(cls, tables: Iterable[str]) -> SparseBatch:
+        names = tuple(tables)
+        return cls(
+            tables=names,
+            keys={t: torch.empty(0, dtype=torch.int64) for t in names},
+            offsets={t: torch.zeros(1, dtype=torch.int64) for t in names},
+            num_items=0,
+        )
+
+    # --- verbs ---
+
+    def lengths(self, table: str) -> torch.Tensor:
+        return self.offsets[table].diff()
+
+    def slice(self, start: int, stop: int) -> SparseBatch:
+        """Items [start, stop): a view of the keys, offsets rebased to 0. Cheap: no key is copied."""
+        if not 0 <= start <= stop <= self.num_items:
+            raise InvalidInputError(f"item range [{start}, {stop}) is outside [0, {self.num_items})")
+        keys, offsets = {}, {}
+        for table in self.tables:
+            o = self.offsets[table][start : stop + 1]
+            first, last = int(o[0]), int(o[-1])
+            keys[table] = self.keys[table][first:last]
+            offsets[table] = o - first
+        return SparseBatch(self.tables, keys, offsets, stop - start)
+
+    def split(self, items_per_batch: int) -> list[SparseBatch]:
+        """Consecutive sub-batches of at most items_per_batch items, in item order."""
+        if items_per_batch <= 0:
+            raise InvalidInputError(f"items_per_batch must be > 0, got {items_per_batch}")
+        return [self.slice(s, min(s + items_per_batch, self.num_items)) for s in range(0, self.num_items, items_per_batch)]
+
+    def select(self, tables: Iterable[str]) -> SparseBatch:
+        names = tuple(tables)
+        missing = [t for t in names if t not in self.keys]
+        if missing:
+            raise InvalidInputError(f"sparse batch lacks tables {missing} (has {list(self.tables)})")
+        return SparseBatch(names, {t: self.keys[t] for t in names}, {t: self.offsets[t] for t in names}, self.num_items)
+
+    def to(self, device: torch.device | str) -> SparseBatch:
+        return SparseBatch(
+            self.tables,
+            {t: k.to(device) for t, k in self.keys.items()},
+            {t: o.to(device) for t, o in self.offsets.items()},
+            self.num_items,
+        )
+
+
+def _int_tensor(value: object, where: str, *, require_int64: bool = False) -> torch.Tensor:
+    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dtype.is_complex:
+        raise InvalidInputError(f"{where} must be int64, got {tensor.dtype}")
+    if require_int64 and tensor.dtype != torch.int64 and tensor.numel():
+        tensor = tensor.to(torch.int64)  # any integer type widens losslessly
+    return tensor.to(torch.int64) if tensor.dtype != torch.int64 else tensor
+
+
+def _check_jagged(keys: torch.Tensor, offsets: torch.Tensor, where: str) -> None:
+    if keys.dim() != 1:
+        raise InvalidInputError(f"{where}: keys must be 1-D, got shape {tuple(keys.shape)}")
+    if offsets.dim() != 1 or offsets.numel() == 0:
+        raise InvalidInputError(f"{where}: offsets must be 1-D with num_items + 1 entries, got shape {tuple(offsets.shape)}")
+    if int(offsets[0]) != 0:
+        raise InvalidInputError(f"{where}: offsets must start at 0, got {int(offsets[0])}")
+    if offsets.numel() > 1 and bool((offsets.diff() < 0).any()):
+        raise InvalidInputError(f"{where}: offsets must not decrease")
+    if int(offsets[-1]) != keys.numel():
+        raise InvalidInputError(
+            f"{where}: offsets end at {int(offsets[-1])} but there are {keys.numel()} keys "
+            "(lengths must sum to the number of keys)"
+        )
