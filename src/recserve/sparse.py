@@ -38,7 +38,9 @@ class SparseBatch:
         for table, (table_keys, lengths) in features.items():
             lengths_t = _int_tensor(lengths, f"{name}: table '{table}': lengths")
             if lengths_t.dim() != 1:
-                raise InvalidInputError(f"{name}: table '{table}': lengths must be 1-D, got shape {tuple(lengths_t.shape)}")
+                raise InvalidInputError(
+                    f"{name}: table '{table}': lengths must be 1-D, got shape {tuple(lengths_t.shape)}"
+                )
             if lengths_t.numel() and int(lengths_t.min()) < 0:
                 raise InvalidInputError(f"{name}: table '{table}': lengths must be >= 0, got {int(lengths_t.min())}")
             table_offsets = torch.zeros(lengths_t.numel() + 1, dtype=torch.int64)
@@ -95,7 +97,8 @@ class SparseBatch:
         """Consecutive sub-batches of at most items_per_batch items, in item order."""
         if items_per_batch <= 0:
             raise InvalidInputError(f"items_per_batch must be > 0, got {items_per_batch}")
-        return [self.slice(s, min(s + items_per_batch, self.num_items)) for s in range(0, self.num_items, items_per_batch)]
+        starts = range(0, self.num_items, items_per_batch)
+        return [self.slice(s, min(s + items_per_batch, self.num_items)) for s in starts]
 
     def select(self, tables: Iterable[str]) -> SparseBatch:
         names = tuple(tables)
@@ -126,7 +129,9 @@ def _check_jagged(keys: torch.Tensor, offsets: torch.Tensor, where: str) -> None
     if keys.dim() != 1:
         raise InvalidInputError(f"{where}: keys must be 1-D, got shape {tuple(keys.shape)}")
     if offsets.dim() != 1 or offsets.numel() == 0:
-        raise InvalidInputError(f"{where}: offsets must be 1-D with num_items + 1 entries, got shape {tuple(offsets.shape)}")
+        raise InvalidInputError(
+            f"{where}: offsets must be 1-D with num_items + 1 entries, got shape {tuple(offsets.shape)}"
+        )
     if int(offsets[0]) != 0:
         raise InvalidInputError(f"{where}: offsets must start at 0, got {int(offsets[0])}")
     if offsets.numel() > 1 and bool((offsets.diff() < 0).any()):

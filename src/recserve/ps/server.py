@@ -109,12 +109,16 @@ class HierarchicalPS:
         """Rows of keys, [len(keys), dim] float32; keys in no tier get the table's default row."""
         return torch.from_numpy(self.lookup_numpy(table, keys))
 
-    def lookup_numpy(self, table: str, keys: object) -> np.ndarray:
+    def lookup_numpy(self, table: str, keys: object, *, assume_unique: bool = False) -> np.ndarray:
+        """As `lookup`, as a numpy array. `assume_unique`: the caller already deduplicated the keys."""
         spec = self.table(table)
         keys = as_keys(keys, table)
         if keys.size == 0:
             return np.empty((0, spec.dim), dtype=np.float32)
-        unique, inverse = unique_inverse(keys)
+        if assume_unique:
+            unique, inverse = keys, None
+        else:
+            unique, inverse = unique_inverse(keys)
         rows = self._lookup_unique(table, unique)
         with self._lock:
             counters = self._counters[table]
@@ -122,7 +126,7 @@ class HierarchicalPS:
             counters.keys += keys.size
             counters.unique_keys += unique.size
         # unique keys come in order of first appearance: with no repeats, rows are already in key order
-        return rows if unique.size == keys.size else rows[inverse]
+        return rows if inverse is None or unique.size == keys.size else rows[inverse]
 
     def _lookup_unique(self, table: str, keys: np.ndarray) -> np.ndarray:
         counters = self._counters[table]
