@@ -7,9 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, TableConfig
 from recserve.ps.server import HierarchicalPS
+
+# The first example of a test may compile numba kernels (seconds on a fresh clone): no per-example deadline.
+settings.register_profile("recserve", deadline=None)
+settings.load_profile("recserve")
 
 
 def make_table(name: str = "t", dim: int = 8, **fields: object) -> TableConfig:

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--format", choices=["hugectr", "npy", "torch"], help="default: guessed from the paths")
     imp.add_argument("--tensor", help="torch: name of the weight tensor in the state_dict")
     imp.add_argument("--key-map", type=Path, help="torch: .npy of the key of each row (default: row i = key i)")
+    imp.add_argument("--state-dict", type=Path, help="a trained model's state_dict: tables go to the PS, the "
+                     "rest to --dense-out")
+    imp.add_argument("--dense-out", type=Path, help="with --state-dict: where the dense weights are written")
     imp.add_argument("paths", type=Path, nargs="*", help="HugeCTR folder | keys.npy rows.npy | weights.pt")
     imp.set_defaults(run=_run_import)
 
@@ -73,7 +76,7 @@ def _run_import(args: argparse.Namespace) -> int:
     from recserve.ps.server import HierarchicalPS
 
     config = load_config(args.config)
-    jobs = _import_jobs(args, config)
+    jobs = _state_dict_jobs(args, config) if args.state_dict else _import_jobs(args, config)
     with HierarchicalPS.from_config(config.ps) as ps:
         for table, source in jobs:
             spec = ps.table(table)
@@ -113,6 +116,32 @@ def _import_jobs(args: argparse.Namespace, config: object) -> list:
         f"format {kind} takes {'two paths (keys.npy rows.npy)' if kind == 'npy' else 'one path'}, "
         f"got {len(args.paths)}"
     )
+
+
+def _state_dict_jobs(args: argparse.Namespace, config: object) -> list:
+    """Split a trained model's state_dict: embedding tables become import jobs, dense weights a file."""
+    import numpy as np
+    import torch
+
+    from recserve.errors import InvalidInputError
+    from recserve.models.checkpoint import split_state_dict
+    from recserve.ps import formats
+
+    if args.dense_out is None or args.paths or args.table:
+        raise InvalidInputError("--state-dict takes --dense-out, and no --table or paths")
+    source = formats.read_torch_state_dict(args.state_dict)
+    dense, tables = split_state_dict(source)
+    known = {t.name for t in config.ps.tables}
+    unknown = sorted(set(tables) - known)
+    if unknown:
+        raise InvalidInputError(f"{args.state_dict}: tables {unknown} are not in {args.config}")
+    torch.save(dense, args.dense_out)
+    print(f"dense weights ({len(dense)} tensors) -> {args.dense_out}")
+    return [
+        (name, formats.TableSource(np.arange(w.shape[0], dtype=np.int64), w.detach().float().numpy(),
+                                   f"{args.state_dict}:{name}"))
+        for name, w in tables.items()
+    ]
 
 
 def _guess_format(paths: list[Path]) -> str:

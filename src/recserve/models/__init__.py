@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from recserve.config import TableConfig
+from recserve.errors import NotFoundError
 from recserve.models.embedding import LocalEmbedding, PooledEmbedding
 from recserve.models.networks import NETWORKS, RecModel
 from recserve.models.specs import MODEL_NAMES, ModelSpec, model_spec
@@ -23,7 +24,7 @@ def build_model(spec: ModelSpec, ps: HierarchicalPS | None = None, seed: int = 0
     else:
         missing = [t.name for t in spec.tables if t.name not in ps.tables]
         if missing:
-            raise KeyError(f"model '{spec.name}': the parameter server lacks tables {missing[:5]}")
+            raise NotFoundError(f"model '{spec.name}': the parameter server lacks tables {missing[:5]}")
         embedding = PooledEmbedding(ps, spec.tables, owner=spec.name)
     torch.manual_seed(seed)
     return NETWORKS[spec.kind](spec, embedding).eval()

@@ -57,7 +57,8 @@ class RecModel(nn.Module):
         return self.scores(dense.to(self.device), sparse)
 
     def pooled(self, sparse: SparseBatch) -> dict[str, torch.Tensor]:
-        return {name: rows.to(self.device) for name, rows in self.embedding(sparse).items()}
+        device = self.device
+        return {name: rows.to(device) for name, rows in self.embedding(sparse).items()}
 
     def scores(self, dense: torch.Tensor, sparse: SparseBatch) -> torch.Tensor:
         raise NotImplementedError

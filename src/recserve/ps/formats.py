@@ -85,15 +85,30 @@ def _load_npy(path: Path) -> np.ndarray:
         raise MalformedFileError(f"{path}: not a readable .npy array: {error}") from None
 
 
+def _load_torch(path: Path) -> object:
+    import torch
+
+    try:
+        return torch.load(_existing(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch raises many types for a bad file; all mean "not a usable file"
+        raise MalformedFileError(f"{path}: not a readable torch file: {error}") from None
+
+
+def read_torch_state_dict(path: Path) -> dict:
+    """A state_dict (name -> tensor), loaded without running code from the file."""
+    import torch
+
+    loaded = _load_torch(path)
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise MalformedFileError(f"{path}: expected a state_dict of tensors, got {type(loaded).__name__}")
+    return loaded
+
+
 def read_torch(path: Path, tensor: str | None = None, key_map: Path | None = None) -> TableSource:
     """A tensor or state_dict file. `tensor` names the weight when the file holds several 2-D tensors."""
     import torch
 
-    try:
-        loaded = torch.load(_existing(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as error:  # torch raises many types for a bad file; all mean "not a usable file"
-        raise MalformedFileError(f"{path}: not a readable torch file: {error}") from None
-    weight = _pick_tensor(path, loaded, tensor)
+    weight = _pick_tensor(path, _load_torch(path), tensor)
     rows = weight.detach().numpy() if weight.dtype != torch.bfloat16 else weight.float().numpy()
     if key_map is None:
         keys = np.arange(rows.shape[0], dtype=np.int64)

@@ -159,6 +159,17 @@ class RocksTier:
         self._families.clear()
         self._db.close()
 
+    def export_table(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        """Every (key, row) of a table, keys ascending: the inverse of `import_table`."""
+        family, entry = self._family(table)
+        raw_keys, raw_rows = [], []
+        for key, value in family.items():
+            raw_keys.append(key)
+            raw_rows.append(value)
+        keys = np.frombuffer(b"".join(raw_keys), dtype=">u8").astype(np.uint64) ^ _SIGN
+        rows = np.frombuffer(b"".join(raw_rows), dtype=entry.dtype).reshape(-1, entry.dim)
+        return keys.view(np.int64), rows.astype(np.float32)
+
     # --- bulk import ---
 
     def import_table(

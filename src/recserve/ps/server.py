@@ -194,6 +194,16 @@ class HierarchicalPS:
                 tier.evict(table, tier.table(table).held_keys())
         return count
 
+    def export_table(self, table: str) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) of a whole table, from the persistent tier."""
+        from recserve.ps.rocks import RocksTier
+
+        self.table(table)
+        persistent = [t for t in self.tiers if isinstance(t, RocksTier)]
+        if not persistent:
+            raise NotFoundError("export needs the RocksDB tier, which this configuration disables")
+        return persistent[0].export_table(table)
+
     def _checked_write(self, table: str, keys: object, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         spec = self.table(table)
         keys = as_keys(keys, table)

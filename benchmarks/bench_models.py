@@ -1,0 +1,92 @@
+"""Items/s of the eight reference models over the parameter server, and RMC1 vs plain nn.EmbeddingBag.
+
+    python benchmarks/bench_models.py            # `full` tables (tens of GB of rows in all, one model at a time)
+    python benchmarks/bench_models.py --quick    # `tiny` tables
+
+Each model's tables live in the DRAM tier (no RocksDB), as when serving from memory. Query sizes are items
+per query; keys are Zipf(1.05) per table. The last line is one JSON object: `models` (name -> {size ->
+items/s}), `preset`, and `rmc1_vs_embeddingbag_256`: RMC1 over the PS vs the same network holding the same
+tables in nn.EmbeddingBag with the indices precomputed (the in-RAM limit), at 256 items per query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from recserve.config import DramTierConfig, PSConfig, RocksTierConfig
+from recserve.models import MODEL_NAMES, RecModel, build_model, model_spec, table_configs
+from recserve.models.synthetic import Query, QueryGenerator, table_rows, write_tables
+from recserve.ps.server import HierarchicalPS
+
+SIZES = (1, 16, 64, 256, 1024)
+
+
+def items_per_s(model: RecModel, queries: list[Query], repeats: int = 3) -> float:
+    with torch.no_grad():
+        model(queries[0].dense, queries[0].sparse)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for q in queries:
+                model(q.dense, q.sparse)
+            times.append(time.perf_counter() - started)
+    return sum(q.sparse.num_items for q in queries) / statistics.median(times)
+
+
+def query_set(spec: object, size: int, seed: int = 0) -> list[Query]:
+    generator = QueryGenerator(spec, seed=seed)
+    return [generator.query(size) for _ in range(max(3, 512 // size))]
+
+
+def bench_model(name: str, preset: str) -> tuple[dict[int, float], float | None]:
+    spec = model_spec(name, preset)
+    config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=8),
+                      rocksdb=RocksTierConfig(enabled=False))
+    with HierarchicalPS.from_config(config) as ps:
+        write_tables(ps, spec, seed=0)
+        model = build_model(spec, ps)
+        speeds = {size: items_per_s(model, query_set(spec, size)) for size in SIZES}
+        ratio = None
+        if name == "rmc1":
+            local = build_model(spec)
+            with torch.no_grad():
+                for table, rows in table_rows(spec, seed=0).items():
+                    local.embedding.tables[table].weight.copy_(torch.from_numpy(rows))
+            queries = query_set(spec, 256, seed=1)
+            ratios = []
+            for _ in range(5):  # alternate, so both see the same machine load
+                ratios.append(items_per_s(model, queries, repeats=1) / items_per_s(local, queries, repeats=1))
+            ratio = statistics.median(ratios)
+            del local
+    return speeds, ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny tables")
+    parser.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated subset")
+    args = parser.parse_args()
+    preset = "tiny" if args.quick else "full"
+    results: dict[str, dict[int, float]] = {}
+    rmc1_ratio = None
+    for name in args.models.split(","):
+        speeds, ratio = bench_model(name, preset)
+        results[name] = speeds
+        rmc1_ratio = ratio if ratio is not None else rmc1_ratio
+        print(f"{name:<6} " + "  ".join(f"{size:>4} items: {speed:>10,.0f}/s" for size, speed in speeds.items()))
+    if rmc1_ratio is not None:
+        print(f"rmc1 over the PS vs nn.EmbeddingBag at 256 items: {rmc1_ratio:.3f}")
+    print(json.dumps({
+        "preset": preset,
+        "models": {n: {str(k): round(v, 1) for k, v in s.items()} for n, s in results.items()},
+        "rmc1_vs_embeddingbag_256": None if rmc1_ratio is None else round(rmc1_ratio, 4),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""SparseBatch: construction, validation with clear errors, and split/join that keeps item order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recserve.errors import InvalidInputError
+from recserve.sparse import SparseBatch
+
+
+def make_sparse_batch(lengths: dict[str, list[int]], start: int = 0) -> SparseBatch:
+    """Keys count up from `start` across tables, so every key is distinct and its place is known."""
+    features, next_key = {}, start
+    for table, table_lengths in lengths.items():
+        keys = torch.arange(next_key, next_key + sum(table_lengths), dtype=torch.int64)
+        next_key += keys.numel()
+        features[table] = (keys, torch.tensor(table_lengths, dtype=torch.int64))
+    return SparseBatch.from_lengths(features)
+
+
+def test_docstring_example() -> None:
+    batch = SparseBatch.from_lengths({"user": ([17, 17], [1, 1]), "hist": ([5, 9, 5], [2, 1])})
+    assert batch.tables == ("user", "hist") and batch.num_items == 2
+    assert batch.offsets["hist"].tolist() == [0, 2, 3]
+    assert batch.lengths("hist").tolist() == [2, 1]
+    second = batch.slice(1, 2)
+    assert second.keys["hist"].tolist() == [5] and second.offsets["hist"].tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("features", "message"),
+    [
+        ({"t": ([1, 2], [0, 3])}, "offsets end at 3 but there are 2 keys"),
+        ({"t": ([1, 2], [3, -1])}, "lengths must be >= 0, got -1"),
+        ({"t": ([1.0, 2.0], [1, 1])}, "table 't': keys must be int64, got torch.float32"),
+        ({"t": ([1, 2], [1.5, 0.5])}, "lengths must be int64"),
+        ({"t": ([1], [1]), "u": ([1, 2], [1, 1])}, "table 'u': has 2 items, other tables have 1"),
+        ({"t": ([[1, 2]], [2])}, r"keys must be 1-D, got shape \(1, 2\)"),
+        ({}, "at least one table"),
+    ],
+)
+def test_bad_batches_name_the_table_and_problem(features: dict, message: str) -> None:
+    with pytest.raises(InvalidInputError, match=message):
+        SparseBatch.from_lengths(features)
+
+
+def test_bad_offsets() -> None:
+    with pytest.raises(InvalidInputError, match="offsets must start at 0, got 1"):
+        SparseBatch.from_offsets({"t": ([1, 2], [1, 2])})
+    with pytest.raises(InvalidInputError, match="offsets must not decrease"):
+        SparseBatch.from_offsets({"t": ([1, 2], [0, 2, 1, 2])})
+
+
+def test_select_to_and_empty() -> None:
+    batch = make_sparse_batch({"a": [1, 2], "b": [0, 1]})
+    assert batch.select(["b"]).tables == ("b",)
+    with pytest.raises(InvalidInputError, match=r"lacks tables \['c'\]"):
+        batch.select(["c"])
+    assert batch.to("cpu").keys["a"].tolist() == batch.keys["a"].tolist()
+    empty = SparseBatch.empty(["a"])
+    assert empty.num_items == 0 and empty.split(4) == []
+    with pytest.raises(InvalidInputError, match="items_per_batch must be > 0"):
+        batch.split(0)
+
+
+@given(
+    lengths=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 3)), min_size=1, max_size=40),
+    per_batch=st.integers(1, 50),
+)
+def test_split_then_join_restores_every_key_in_item_order(lengths: list, per_batch: int) -> None:
+    batch = make_sparse_batch({"a": [a for a, _ in lengths], "b": [b for _, b in lengths]})
+    parts = batch.split(per_batch)
+    assert [p.num_items for p in parts] == [min(per_batch, batch.num_items - s)
+                                           for s in range(0, batch.num_items, per_batch)]
+    for table in batch.tables:
+        assert torch.cat([p.keys[table] for p in parts]).tolist() == batch.keys[table].tolist()
+        assert torch.cat([p.lengths(table) for p in parts]).tolist() == batch.lengths(table).tolist()
+        assert all(int(p.offsets[table][0]) == 0 for p in parts)
