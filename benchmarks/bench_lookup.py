@@ -196,15 +196,17 @@ def bench_zipf(num_rows: int, store: Path, shm: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1M keys instead of 10M")
+    parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"),
+                        help="where the shared DRAM tier lives; e.g. a tmpfs mounted with huge=always")
     args = parser.parse_args()
     num_rows = 1_000_000 if args.quick else 10_000_000
     rng = np.random.default_rng(0)
     rows = random_rows(num_rows, DIM, seed=0)
     batches = [rng.integers(0, num_rows, BATCH).astype(np.int64) for _ in range(16)]
-    figures: dict[str, float] = {"num_rows": num_rows, "dim": DIM, "batch": BATCH}
+    figures: dict[str, float | str] = {"num_rows": num_rows, "dim": DIM, "batch": BATCH, "shm_dir": str(args.shm_dir)}
     with tempfile.TemporaryDirectory(prefix="recserve-bench-") as scratch:
         scratch_path = Path(scratch)
-        with tempfile.TemporaryDirectory(prefix="recserve-bench-", dir="/dev/shm") as shm:
+        with tempfile.TemporaryDirectory(prefix="recserve-bench-", dir=args.shm_dir) as shm:
             figures |= bench_dram(num_rows, rows, batches, Path(shm))
             figures |= bench_redis(rows, batches)
             figures |= bench_rocks(num_rows, rows, batches, scratch_path / "store")
@@ -216,7 +218,7 @@ def main() -> None:
     figures["dram_vs_dict"] = figures["dram_keys_per_s"] / figures["dict_keys_per_s"]
     figures["rocks_vs_dbbench"] = figures["rocks_keys_per_s"] / figures["dbbench_multireadrandom_keys_per_s"]
     for name, value in figures.items():
-        print(f"{name:<36} {value:>16,.3f}" if isinstance(value, float) else f"{name:<36} {value:>16,}")
+        print(f"{name:<36} {value:>16,.3f}" if isinstance(value, float) else f"{name:<36} {value:>16}")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
 
 

@@ -38,7 +38,7 @@ def run_demo(rows: int, dim: int, dram_fraction: float, batches: int, store: Pat
             import_s = time.perf_counter() - started
             summary = _measure(ps, ZipfKeys(rows, alpha=1.05, seed=2), batches, values)
         summary["import_rows_per_s"] = rows / import_s
-        _print_summary(summary, path)
+        _print_summary(summary, path if store else "a temporary folder, removed on exit")
         return summary
 
 
@@ -68,7 +68,7 @@ def _measure(ps: HierarchicalPS, zipf: ZipfKeys, batches: int, values: np.ndarra
     }
 
 
-def _print_summary(s: dict, path: Path) -> None:
+def _print_summary(s: dict, path: Path | str) -> None:
     print()
     print("lookup summary (every returned row checked against the imported table)")
     print(f"  import                     {s['import_rows_per_s']:>14,.0f} rows/s")

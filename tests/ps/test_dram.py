@@ -361,3 +361,32 @@ def test_private_memory_tables_work_and_refuse_to_be_attached(shm_dir: Path) -> 
             DramTier.attach(tier.handles())
     finally:
         tier.close()
+
+
+def test_files_of_killed_owners_are_removed_and_live_ones_kept(shm_dir: Path) -> None:
+    stale = shm_dir / "recserve-999999999-deadbeef-t"  # above the kernel's pid limit: never running
+    stale.write_bytes(b"x")
+    live = make_tier(shm_dir, "evict_lru", 1, 4, 0.8)
+    try:
+        assert not stale.exists()
+        other = make_tier(shm_dir, "evict_lru", 1, 4, 0.8)  # a second owner in a live process
+        assert Path(live.table("t").handle.path).exists()
+        other.close()
+    finally:
+        live.close()
+
+
+def test_large_batches_run_the_parallel_kernel_and_agree_with_small_ones(shm_dir: Path) -> None:
+    n = 3 * hm.PARALLEL_MIN_KEYS
+    tier = make_tier(shm_dir, "evict_lru", 4, n, 0.8)
+    try:
+        keys = np.random.default_rng(0).permutation(2 * n).astype(np.int64)[:n]
+        tier.insert("t", keys, rows_for(keys, DIM))
+        asked = np.concatenate([keys, keys.max() + 1 + np.arange(100)])  # 100 misses at the end
+        big = tier.lookup("t", asked)
+        assert big.found.tolist() == [True] * n + [False] * 100
+        np.testing.assert_array_equal(big.rows[:n], rows_for(keys, DIM))
+        small = tier.lookup("t", asked[:50])
+        np.testing.assert_array_equal(small.rows, big.rows[:50])
+    finally:
+        tier.close()

@@ -158,6 +158,31 @@ def read_row(part, slots, rec, values, num_slots, words, offset, key, r, out_row
     return -1
 
 
+@njit(inline="always", cache=True)
+def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, lo, hi, num_slots, words, offset,
+                 track_count):
+    """Look up keys[lo:hi] as a software pipeline (see `lookup_kernel`)."""
+    num_partitions = part.shape[0]
+    for j in range(lo, min(hi, lo + LOOKAHEAD_SLOTS)):
+        prefetch_home(slots, num_partitions, num_slots, keys[j])
+    for j in range(lo, hi + LOOKAHEAD_ROWS):
+        if j < hi:
+            if j + LOOKAHEAD_SLOTS < hi:
+                prefetch_home(slots, num_partitions, num_slots, keys[j + LOOKAHEAD_SLOTS])
+            where[j] = locate(part, slots, num_slots, keys[j])
+            if where[j] >= 0:
+                prefetch_record(rec, where[j], words)
+        k = j - LOOKAHEAD_ROWS
+        if k < lo:
+            continue
+        r = read_row(part, slots, rec, values, num_slots, words, offset, keys[k], where[k], out[k])
+        found[k] = r >= 0
+        if r >= 0:
+            rec[r * words + R_TIME] = clock_now + k
+            if track_count:
+                rec[r * words + R_COUNT] += 1
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
     """out[i] = row of keys[i] where found[i]; marks each hit as just used.
@@ -168,29 +193,24 @@ def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, 
     """
     n = keys.size
     now = fetch_add(clock, 0, n)
-    num_partitions = part.shape[0]
     where = np.empty(n, dtype=np.int64)
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         lo = chunk * CHUNK
-        hi = min(n, lo + CHUNK)
-        for j in range(lo, min(hi, lo + LOOKAHEAD_SLOTS)):
-            prefetch_home(slots, num_partitions, num_slots, keys[j])
-        for j in range(lo, hi + LOOKAHEAD_ROWS):
-            if j < hi:
-                if j + LOOKAHEAD_SLOTS < hi:
-                    prefetch_home(slots, num_partitions, num_slots, keys[j + LOOKAHEAD_SLOTS])
-                where[j] = locate(part, slots, num_slots, keys[j])
-                if where[j] >= 0:
-                    prefetch_record(rec, where[j], words)
-            k = j - LOOKAHEAD_ROWS
-            if k < lo:
-                continue
-            r = read_row(part, slots, rec, values, num_slots, words, offset, keys[k], where[k], out[k])
-            found[k] = r >= 0
-            if r >= 0:
-                rec[r * words + R_TIME] = now + k
-                if track_count:
-                    rec[r * words + R_COUNT] += 1
+        lookup_range(now, part, slots, rec, values, keys, out, found, where, lo, min(n, lo + CHUNK),
+                     num_slots, words, offset, track_count)
+
+
+# Waking the thread pool costs tens of microseconds: small batches (one item's keys) run on the caller's thread.
+PARALLEL_MIN_KEYS = 4096
+
+
+@njit(nogil=True, cache=True)
+def lookup_kernel_serial(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
+    n = keys.size
+    now = fetch_add(clock, 0, n)
+    where = np.empty(n, dtype=np.int64)
+    lookup_range(now, part, slots, rec, values, keys, out, found, where, 0, n, num_slots, words, offset,
+                 track_count)
 
 
 @njit(inline="always", cache=True)

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import math
 import mmap
 import os
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import NotFoundError
 from recserve.ps import _hashmap as hm
 from recserve.ps.tiers import LookupResult, TierTableStats, check_rows
+
+log = logging.getLogger(__name__)
 
 _POLICY_CODES = {
     "evict_lru": hm.POLICY_LRU,
@@ -90,6 +94,8 @@ class DramTable:
         self.handle = handle
         self._owner = create
         self._fd = self._open_file(handle, create) if handle.shared else None
+        if create and handle.shared:  # also on exit of an owner that never called close()
+            self._unlink_at_exit = weakref.finalize(self, Path(handle.path).unlink, missing_ok=True)
         if self._fd is None:
             if not create:
                 raise NotFoundError(f"dram: table '{handle.name}' lives in one process's private memory")
@@ -142,7 +148,8 @@ class DramTable:
         h = self.handle
         out = np.empty((keys.size, h.dim), dtype=self._storage)
         found = np.empty(keys.size, dtype=np.bool_)
-        hm.lookup_kernel(
+        kernel = hm.lookup_kernel if keys.size >= hm.PARALLEL_MIN_KEYS else hm.lookup_kernel_serial
+        kernel(
             self.clock, self.part, self.slots, self.rec, self.values, keys, out, found,
             h.num_slots, h.words, self._offset, h.policy == hm.POLICY_LFU,
         )
@@ -199,7 +206,7 @@ class DramTable:
         if self._fd is not None:
             os.close(self._fd)
             if self._owner:
-                Path(self.handle.path).unlink(missing_ok=True)
+                self._unlink_at_exit()
 
     # --- helpers ---
 
@@ -242,6 +249,15 @@ class _TableWriteLock:
         self._thread_lock.release()
 
 
+def remove_stale_files(shm_dir: Path) -> None:
+    """Delete tables left by owners that were killed (their pid is in the file name and no longer runs)."""
+    for path in shm_dir.glob("recserve-*-*"):
+        pid = path.name.split("-")[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            log.warning("dram: removing %s, left by process %s, which has exited", path, pid)
+            path.unlink(missing_ok=True)
+
+
 class DramTier:
     """The DRAM tier of the parameter server: a `DramTable` per table."""
 
@@ -252,6 +268,8 @@ class DramTier:
 
     @classmethod
     def create(cls, tables: list[TableConfig], config: DramTierConfig) -> DramTier:
+        if config.shared_memory:
+            remove_stale_files(config.shm_dir)
         run = f"recserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         created: dict[str, DramTable] = {}
         try:
