@@ -6,8 +6,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from recserve.errors import RecserveError
+
+if TYPE_CHECKING:
+    from recserve.config import RecserveConfig
+    from recserve.ps.formats import TableSource
+    from recserve.ps.server import HierarchicalPS
+
+ImportJobs = list[tuple[str, "TableSource"]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +95,7 @@ def _run_import(args: argparse.Namespace) -> int:
     return 0
 
 
-def _import_jobs(args: argparse.Namespace, config: object) -> list:
+def _import_jobs(args: argparse.Namespace, config: RecserveConfig) -> ImportJobs:
     from recserve.errors import InvalidInputError
     from recserve.ps import formats
 
@@ -118,7 +126,7 @@ def _import_jobs(args: argparse.Namespace, config: object) -> list:
     )
 
 
-def _state_dict_jobs(args: argparse.Namespace, config: object) -> list:
+def _state_dict_jobs(args: argparse.Namespace, config: RecserveConfig) -> ImportJobs:
     """Split a trained model's state_dict: embedding tables become import jobs, dense weights a file."""
     import numpy as np
     import torch
@@ -156,7 +164,7 @@ def _guess_format(paths: list[Path]) -> str:
     raise InvalidInputError(f"cannot tell the format of {[str(p) for p in paths]}; pass --format")
 
 
-def _open_read_only(config_path: Path) -> object:
+def _open_read_only(config_path: Path) -> HierarchicalPS:
     """The store as the config describes it, read-only so that a running server can keep writing it."""
     from recserve.config import load_config
     from recserve.ps.server import HierarchicalPS

@@ -144,3 +144,17 @@ def test_ps_behaves_like_a_dict(tmp_path_factory: pytest.TempPathFactory, ops: l
             out = ps.lookup("t", keys_arr).numpy()
             expected = np.stack([reference.get(k, np.zeros(DIM, np.float32)) for k in keys])
             np.testing.assert_array_equal(out, expected)
+
+
+def test_float16_tables_store_half_in_both_tiers_and_return_float32(tmp_path: Path) -> None:
+    config = make_ps_config(tmp_path / "s", [make_table(dtype="float16", dram_capacity_rows=8)], partitions=2)
+    keys = np.arange(40, dtype=np.int64)
+    rows = np.random.default_rng(0).normal(size=(40, DIM)).astype(np.float32)
+    expected = rows.astype(np.float16).astype(np.float32)
+    with HierarchicalPS.from_config(config) as ps:
+        ps.import_table("t", keys, rows)
+        for _ in range(2):  # first from RocksDB, then partly from DRAM after promotion
+            out = ps.lookup("t", keys[:10])
+            assert out.dtype == torch.float32
+            np.testing.assert_array_equal(out.numpy(), expected[:10])
+        assert ps.stats().tables["t"].tiers["dram"].hits > 0

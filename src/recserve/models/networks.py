@@ -37,7 +37,11 @@ class RecModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.parameters()).device
+        # parameters() walks every submodule (tens of microseconds a call); `.to()` keeps the Parameter objects
+        # and swaps their data, so one kept reference always knows the device.
+        if not hasattr(self, "_device_probe"):
+            self._device_probe = (next(self.parameters()),)  # a tuple: not registered as a parameter
+        return self._device_probe[0].device
 
     def forward(self, dense: torch.Tensor | None, sparse: SparseBatch) -> torch.Tensor:
         name, width = self.spec.name, self.spec.dense_features

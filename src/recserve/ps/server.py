@@ -136,7 +136,7 @@ class HierarchicalPS:
             started = time.perf_counter()
             result = tier.lookup(table, keys[pending])
             counters.latency[tier.name].record(time.perf_counter() - started)
-            num_hits = int(result.found.sum())
+            num_hits = int(np.count_nonzero(result.found))
             with self._lock:
                 counters.hits[tier.name] += num_hits
                 counters.misses[tier.name] += pending.size - num_hits
