@@ -1,0 +1,1 @@
+"""KServe v2 front ends (HTTP and gRPC) and their codecs."""
