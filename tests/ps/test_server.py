@@ -158,3 +158,54 @@ def test_float16_tables_store_half_in_both_tiers_and_return_float32(tmp_path: Pa
             assert out.dtype == torch.float32
             np.testing.assert_array_equal(out.numpy(), expected[:10])
         assert ps.stats().tables["t"].tiers["dram"].hits > 0
+
+
+def test_a_promotion_never_lands_over_a_newer_update(ps: HierarchicalPS) -> None:
+    keys = np.arange(4, dtype=np.int64)
+    ps.import_table("t", keys, rows_for(keys, DIM, version=1))
+    dram = ps.tiers[0]
+    token = dram.update_token("t")  # a lookup starts and reads version 1 from RocksDB ...
+    ps.update("t", keys, rows_for(keys, DIM, version=2))  # ... an update lands meanwhile ...
+    dram.insert("t", keys, rows_for(keys, DIM, version=1), unless_updated_since=token)  # ... then it promotes
+    assert not dram.lookup("t", keys).found.any()  # the stale promotion was dropped
+    np.testing.assert_array_equal(ps.lookup("t", keys).numpy(), rows_for(keys, DIM, version=2))
+
+
+def test_an_update_during_a_lookup_is_not_undone_by_its_promotion(tmp_path: Path) -> None:
+    """The lookup reads RocksDB, an update lands, then the lookup promotes: the promotion must be dropped."""
+    import threading
+
+    from recserve.config import DramTierConfig, RocksTierConfig
+    from recserve.ps.dram import DramTier
+    from recserve.ps.rocks import RocksTier
+
+    read_done, update_done = threading.Event(), threading.Event()
+
+    class PausingRocksTier(RocksTier):  # the real tier, paused between its read and the caller's promotion
+        pause = False
+
+        def lookup(self, table: str, keys: np.ndarray):  # noqa: ANN202
+            result = super().lookup(table, keys)
+            if self.pause:
+                read_done.set()
+                update_done.wait(timeout=60)
+            return result
+
+    table = make_table(dram_capacity_rows=16)
+    rocks = PausingRocksTier(RocksTierConfig(path=tmp_path / "s"), [table])
+    dram = DramTier.create([table], DramTierConfig(num_partitions=2))
+    keys = np.arange(4, dtype=np.int64)
+    with HierarchicalPS([table], [dram, rocks]) as ps:
+        ps.import_table("t", keys, rows_for(keys, DIM, version=1))
+        rocks.pause = True
+        seen = {}
+        reader = threading.Thread(target=lambda: seen.setdefault("rows", ps.lookup("t", keys).numpy()))
+        reader.start()
+        assert read_done.wait(timeout=60)
+        rocks.pause = False
+        ps.update("t", keys, rows_for(keys, DIM, version=2))
+        update_done.set()
+        reader.join(timeout=60)
+        np.testing.assert_array_equal(seen["rows"], rows_for(keys, DIM, version=1))  # read before the update
+        assert not dram.lookup("t", keys).found.any()  # its promotion was dropped
+        np.testing.assert_array_equal(ps.lookup("t", keys).numpy(), rows_for(keys, DIM, version=2))

@@ -8,7 +8,8 @@ one shared-memory file; P partitions, S index slots and C rows per partition):
     slots  int64 [P*S*2]       index, linear probing: (key, record) pairs; record -1 = empty slot
     rec    int64 [P*C*W]       records of W words: version, key, last access, access count, then the values
     free   int64 [P*C]         per-partition stacks of free record numbers
-    clock  int64 [8]           [0]: the access clock that orders LRU
+    clock  int64 [8]           [0]: the access clock that orders LRU; [1], [2]: writes through to slower
+                               tiers begun and finished (see DramTable.update_token)
 
 Concurrency: one writer per table at a time (a lock the Python side holds), any number of lock-free readers.
 Each record is a seqlock: a writer makes its version odd, writes, makes it even again; a reader copies the
@@ -36,6 +37,8 @@ MAX_RETRIES = 1 << 16
 CHUNK = 4096  # keys per parallel task of a lookup
 LOOKAHEAD_SLOTS = 32  # keys whose index slot is in flight while one is located
 LOOKAHEAD_ROWS = 16  # located keys whose row is in flight while one is copied
+# clock words
+CLOCK_ACCESS, CLOCK_WRITES_STARTED, CLOCK_WRITES_FINISHED = 0, 1, 2
 # part columns
 P_SEQ, P_SIZE, P_FREE_TOP, P_EVICTIONS, P_REJECTED = 0, 1, 2, 3, 4
 # record words before the values

@@ -157,13 +157,34 @@ class DramTable:
 
     # --- writes (one writer per table, across threads and processes) ---
 
-    def write(self, keys: np.ndarray, rows: np.ndarray, *, insert_new: bool) -> np.ndarray:
-        """Upsert rows (insert_new) or overwrite only held keys; returns a status code per key."""
+    def update_token(self) -> int:
+        """Writes begun so far, or -1 while one is in flight (no promotion may then land)."""
+        started = int(self.clock[hm.CLOCK_WRITES_STARTED])
+        return started if int(self.clock[hm.CLOCK_WRITES_FINISHED]) == started else -1
+
+    def begin_update(self) -> None:
+        with self._write_lock():
+            self.clock[hm.CLOCK_WRITES_STARTED] += 1
+
+    def end_update(self) -> None:
+        with self._write_lock():
+            self.clock[hm.CLOCK_WRITES_FINISHED] += 1
+
+    def write(self, keys: np.ndarray, rows: np.ndarray, *, insert_new: bool,
+              unless_updated_since: int | None = None) -> np.ndarray | None:
+        """Upsert rows (insert_new) or overwrite only held keys; returns a status code per key.
+
+        With `unless_updated_since`, writes nothing (returns None) if a write began after that token.
+        """
         h = self.handle
         stored = self._to_storage(rows)
         order, starts = self._group_by_partition(keys)
         status = np.empty(keys.size, dtype=np.int8)
         with self._write_lock():
+            if unless_updated_since is not None and (
+                unless_updated_since < 0 or self.clock[hm.CLOCK_WRITES_STARTED] != unless_updated_since
+            ):
+                return None
             hm.write_kernel(
                 self.clock, self.part, self.slots, self.rec, self.free, self.values, keys, stored, order,
                 starts, status, h.num_slots, h.capacity, h.words, self._offset, h.policy, h.keep, insert_new,
@@ -299,10 +320,20 @@ class DramTier:
     def lookup(self, table: str, keys: np.ndarray) -> LookupResult:
         return self.table(table).lookup(keys)
 
-    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
+    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
+               ) -> None:
         target = self.table(table)
         check_rows(table, rows, keys.size, target.handle.dim)
-        target.write(keys, rows, insert_new=True)
+        target.write(keys, rows, insert_new=True, unless_updated_since=unless_updated_since)
+
+    def update_token(self, table: str) -> int:
+        return self.table(table).update_token()
+
+    def begin_update(self, table: str) -> None:
+        self.table(table).begin_update()
+
+    def end_update(self, table: str) -> None:
+        self.table(table).end_update()
 
     def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
         target = self.table(table)

@@ -122,7 +122,9 @@ class RocksTier:
             found[idx] = True
         return LookupResult(rows=rows, found=found)
 
-    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
+    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
+               ) -> None:
+        """Write rows; the persistent tier is the source of truth, so no token ever holds a write back."""
         _, entry = self._family(table)
         check_rows(table, rows, keys.size, entry.dim)
         data = np.ascontiguousarray(rows, dtype=entry.dtype).tobytes()
@@ -137,6 +139,15 @@ class RocksTier:
         """The persistent tier holds every key, so an update writes all of them."""
         self.insert(table, keys, rows)
         return int(keys.size)
+
+    def update_token(self, table: str) -> None:
+        return None
+
+    def begin_update(self, table: str) -> None:
+        pass
+
+    def end_update(self, table: str) -> None:
+        pass
 
     def evict(self, table: str, keys: np.ndarray) -> int:
         family, entry = self._family(table)

@@ -12,9 +12,10 @@ row the persistent copy lacks.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -130,6 +131,9 @@ class HierarchicalPS:
 
     def _lookup_unique(self, table: str, keys: np.ndarray) -> np.ndarray:
         counters = self._counters[table]
+        # taken before any read: a promotion lands only if no write-through began since (else it could put back
+        # a row that a concurrent update has just replaced below)
+        tokens = [tier.update_token(table) for tier in self.tiers]
         rows: np.ndarray | None = None
         pending = np.arange(keys.size)
         for level, tier in enumerate(self.tiers):
@@ -147,7 +151,7 @@ class HierarchicalPS:
             found_at = pending[result.found]
             rows[found_at] = result.rows[result.found]
             if level > 0 and found_at.size:
-                self._promote(level, table, keys[found_at], rows[found_at])
+                self._promote(level, table, keys[found_at], rows[found_at], tokens)
             pending = pending[~result.found]
             if pending.size == 0:
                 return rows
@@ -157,25 +161,38 @@ class HierarchicalPS:
             counters.not_found += pending.size
         return rows
 
-    def _promote(self, level: int, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
-        for faster in self.tiers[:level]:
-            faster.insert(table, keys, rows)
+    def _promote(self, level: int, table: str, keys: np.ndarray, rows: np.ndarray, tokens: list) -> None:
+        for faster, token in zip(self.tiers[:level], tokens, strict=False):
+            faster.insert(table, keys, rows, unless_updated_since=token)
 
     # --- writes ---
 
     def insert(self, table: str, keys: object, rows: np.ndarray) -> None:
         """Write rows to every tier, the persistent copy first."""
         keys, rows = self._checked_write(table, keys, rows)
-        for tier in reversed(self.tiers):
-            tier.insert(table, keys, rows)
+        with self._writing_through(table):
+            for tier in reversed(self.tiers):
+                tier.insert(table, keys, rows)
 
     def update(self, table: str, keys: object, rows: np.ndarray) -> None:
         """Online update: the full copy takes every row; faster tiers refresh only rows they already hold."""
         keys, rows = self._checked_write(table, keys, rows)
         *faster, last = self.tiers
-        last.insert(table, keys, rows)
-        for tier in reversed(faster):
-            tier.update(table, keys, rows)
+        with self._writing_through(table):
+            last.insert(table, keys, rows)
+            for tier in reversed(faster):
+                tier.update(table, keys, rows)
+
+    @contextlib.contextmanager
+    def _writing_through(self, table: str) -> Iterator[None]:
+        """Marks a write in flight on every tier, so that no lookup promotes a row read before it."""
+        for tier in self.tiers:
+            tier.begin_update(table)
+        try:
+            yield
+        finally:
+            for tier in self.tiers:
+                tier.end_update(table)
 
     def import_table(
         self, table: str, keys: np.ndarray, rows: np.ndarray, progress: Callable[[int], None] | None = None
@@ -188,10 +205,11 @@ class HierarchicalPS:
         persistent = [t for t in self.tiers if isinstance(t, RocksTier)]
         if not persistent:
             raise NotFoundError("import needs the RocksDB tier, which this configuration disables")
-        count = persistent[0].import_table(table, keys, rows, progress)
-        for tier in self.tiers:
-            if isinstance(tier, DramTier):
-                tier.evict(table, tier.table(table).held_keys())
+        with self._writing_through(table):
+            count = persistent[0].import_table(table, keys, rows, progress)
+            for tier in self.tiers:
+                if isinstance(tier, DramTier):
+                    tier.evict(table, tier.table(table).held_keys())
         return count
 
     def export_table(self, table: str) -> tuple[np.ndarray, np.ndarray]:

@@ -38,8 +38,24 @@ class Tier(Protocol):
         """Rows of the keys this tier holds, and which those are."""
         ...
 
-    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
-        """Insert or overwrite rows (a bounded tier may evict others, or refuse, by its policy)."""
+    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
+               ) -> None:
+        """Insert or overwrite rows (a bounded tier may evict others, or refuse, by its policy).
+
+        With `unless_updated_since` (a token from `update_token`), do nothing if a write began since: that is how
+        rows read from a slower tier are promoted without overwriting a newer row written meanwhile.
+        """
+        ...
+
+    def update_token(self, table: str) -> int | None:
+        """A token for a later conditional insert; None where no write can race a promotion."""
+        ...
+
+    def begin_update(self, table: str) -> None:
+        """A write of this table, through to the slower tiers, is starting; promotions must wait it out."""
+        ...
+
+    def end_update(self, table: str) -> None:
         ...
 
     def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
