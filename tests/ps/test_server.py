@@ -184,7 +184,7 @@ def test_an_update_during_a_lookup_is_not_undone_by_its_promotion(tmp_path: Path
     class PausingRocksTier(RocksTier):  # the real tier, paused between its read and the caller's promotion
         pause = False
 
-        def lookup(self, table: str, keys: np.ndarray):  # noqa: ANN202
+        def lookup(self, table: str, keys: np.ndarray):
             result = super().lookup(table, keys)
             if self.pause:
                 read_done.set()
