@@ -1,0 +1,1 @@
+"""DeepRecSched: the scheduling policy, and (to come) its executor and tuner."""
