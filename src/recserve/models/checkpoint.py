@@ -60,11 +60,7 @@ def load_checkpoint(folder: Path, ps: HierarchicalPS) -> RecModel:
     for table in spec.tables:
         source = formats.read_hugectr(folder / "sparse" / table.name, table.dim)
         formats.validate(source, ps.table(table.name))
-        keys = formats.as_int64_keys(source)
-        if any(tier.name == "rocksdb" for tier in ps.tiers):
-            ps.import_table(table.name, keys, source.rows)
-        else:
-            ps.insert(table.name, keys, np.asarray(source.rows))
+        ps.bulk_load(table.name, formats.as_int64_keys(source), source.rows)
     model = build_model(spec, ps)
     dense = torch.load(folder / "dense.pt", map_location="cpu", weights_only=True)
     try:

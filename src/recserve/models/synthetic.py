@@ -13,23 +13,14 @@ from recserve.ps.server import HierarchicalPS
 from recserve.sparse import SparseBatch
 from recserve.synthetic import ZipfKeys, random_rows
 
-IMPORT_CHUNK = 1 << 20
-
 
 def write_tables(ps: HierarchicalPS, spec: ModelSpec, seed: int = 0, progress: bool = True) -> None:
     """Random rows for every table of the model, written into the PS (RocksDB bulk import when present)."""
     total = sum(t.rows for t in spec.tables)
-    has_store = any(tier.name == "rocksdb" for tier in ps.tiers)
     with tqdm(total=total, unit="rows", desc=f"tables of {spec.name}", disable=not progress) as bar:
         for i, table in enumerate(spec.tables):
             rows = random_rows(table.rows, table.dim, seed=seed * 1000 + i)
-            keys = np.arange(table.rows, dtype=np.int64)
-            if has_store:
-                ps.import_table(table.name, keys, rows, bar.update)
-            else:
-                for start in range(0, table.rows, IMPORT_CHUNK):
-                    ps.insert(table.name, keys[start : start + IMPORT_CHUNK], rows[start : start + IMPORT_CHUNK])
-                    bar.update(min(IMPORT_CHUNK, table.rows - start))
+            ps.bulk_load(table.name, np.arange(table.rows, dtype=np.int64), rows, bar.update)
 
 
 def table_rows(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:

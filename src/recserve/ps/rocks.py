@@ -55,14 +55,14 @@ class CatalogEntry:
         return cls(**json.loads(raw))
 
 
-def _raise_unavailable(path: Path, error: Exception) -> None:
+def _unavailable(path: Path, error: Exception) -> TierUnavailableError:
     text = str(error)
     if "lock" in text.lower():
-        raise TierUnavailableError(
+        return TierUnavailableError(
             "rocksdb", f"store {path} is locked by another process (one writer at a time; open it "
             f"read_only to share it): {text}"
-        ) from None
-    raise TierUnavailableError("rocksdb", f"cannot open store {path}: {text}") from None
+        )
+    return TierUnavailableError("rocksdb", f"cannot open store {path}: {text}")
 
 
 class RocksTier:
@@ -93,7 +93,7 @@ class RocksTier:
                 access_type=access,
             )
         except Exception as error:
-            _raise_unavailable(self._path, error)
+            raise _unavailable(self._path, error) from None
         self._catalog = self._read_catalog()
         self._families = {name: self._db.get_column_family(e.column_family) for name, e in self._catalog.items()}
         if not config.read_only:
@@ -282,8 +282,7 @@ class RocksTier:
         try:
             return self._rd.Rdict.list_cf(str(self._path))
         except Exception as error:
-            _raise_unavailable(self._path, error)
-            raise  # unreachable; for type checkers
+            raise _unavailable(self._path, error) from None
 
     def _read_catalog(self) -> dict[str, CatalogEntry]:
         catalog = {}

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps.keys import as_keys, unique_inverse
 from recserve.ps.tiers import Tier, TierTableStats, check_rows
 from recserve.stats import HistogramSnapshot, LatencyHistogram
+
+if TYPE_CHECKING:
+    from recserve.ps.rocks import RocksTier
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,28 +203,47 @@ class HierarchicalPS:
     ) -> int:
         """Replace a table's contents in the persistent tier, then drop what faster tiers held of it."""
         from recserve.ps.dram import DramTier
-        from recserve.ps.rocks import RocksTier
 
-        self.table(table)
-        persistent = [t for t in self.tiers if isinstance(t, RocksTier)]
-        if not persistent:
-            raise NotFoundError("import needs the RocksDB tier, which this configuration disables")
+        persistent = self._persistent_tier(table, "import")
         with self._writing_through(table):
-            count = persistent[0].import_table(table, keys, rows, progress)
+            count = persistent.import_table(table, keys, rows, progress)
             for tier in self.tiers:
                 if isinstance(tier, DramTier):
                     tier.evict(table, tier.table(table).held_keys())
         return count
 
+    def bulk_load(
+        self, table: str, keys: np.ndarray, rows: np.ndarray, progress: Callable[[int], None] | None = None,
+        chunk_rows: int = 1 << 20,
+    ) -> None:
+        """Load a whole table: an import into RocksDB where there is one, else inserts into the DRAM tier."""
+        if self.has_persistent_tier:
+            self.import_table(table, keys, rows, progress)
+            return
+        for start in range(0, keys.size, chunk_rows):
+            stop = min(start + chunk_rows, keys.size)
+            self.insert(table, keys[start:stop], np.asarray(rows[start:stop]))
+            if progress:
+                progress(stop - start)
+
     def export_table(self, table: str) -> tuple[np.ndarray, np.ndarray]:
         """(keys, rows) of a whole table, from the persistent tier."""
+        return self._persistent_tier(table, "export").export_table(table)
+
+    @property
+    def has_persistent_tier(self) -> bool:
+        from recserve.ps.rocks import RocksTier
+
+        return any(isinstance(t, RocksTier) for t in self.tiers)
+
+    def _persistent_tier(self, table: str, action: str) -> RocksTier:
         from recserve.ps.rocks import RocksTier
 
         self.table(table)
-        persistent = [t for t in self.tiers if isinstance(t, RocksTier)]
-        if not persistent:
-            raise NotFoundError("export needs the RocksDB tier, which this configuration disables")
-        return persistent[0].export_table(table)
+        for tier in self.tiers:
+            if isinstance(tier, RocksTier):
+                return tier
+        raise NotFoundError(f"{action} needs the RocksDB tier, which this configuration disables")
 
     def _checked_write(self, table: str, keys: object, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         spec = self.table(table)
