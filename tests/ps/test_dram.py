@@ -390,3 +390,20 @@ def test_large_batches_run_the_parallel_kernel_and_agree_with_small_ones(shm_dir
         np.testing.assert_array_equal(small.rows, big.rows[:50])
     finally:
         tier.close()
+
+
+def test_a_freed_record_fails_every_reader_whatever_key_it_held(shm_dir: Path) -> None:
+    """A reader can reach a just-freed record through an index entry moved under it; it must not take it."""
+    tier = make_tier(shm_dir, "evict_lru", 1, 8, 0.8)
+    try:
+        table = tier.table("t")
+        h = table.handle
+        tier.insert("t", np.array([5], dtype=np.int64), rows_for(np.array([5]), DIM))
+        record = hm.locate(table.part, table.slots, h.num_slots, 5)
+        out = np.empty(DIM, dtype=np.float32)
+        assert hm.copy_record(table.rec, table.values, record, h.words, table._offset, 5, out)
+        tier.evict("t", np.array([5], dtype=np.int64))
+        for key in (5, 4, 5 ^ 1):  # the key it held, and the one an xor-tombstone would have made it
+            assert not hm.copy_record(table.rec, table.values, record, h.words, table._offset, key, out)
+    finally:
+        tier.close()

@@ -12,8 +12,9 @@ one shared-memory file; P partitions, S index slots and C rows per partition):
                                tiers begun and finished (see DramTable.update_token)
 
 Concurrency: one writer per table at a time (a lock the Python side holds), any number of lock-free readers.
-Each record is a seqlock: a writer makes its version odd, writes, makes it even again; a reader copies the
-values between two reads of an even, unchanged version, so it never returns a torn row. Deleting from a
+Each record is a seqlock: a writer sets its version's writing bit, writes, then publishes a new version; a reader
+copies the values between two reads of an unchanged version that is live and not being written, and checks
+the record still holds its key, so it never returns a torn row nor another key's row. Deleting from a
 linear-probing index shifts later entries back (no tombstones, so probes stay short under churn); a reader can
 then miss a key that was only moving, so each partition has its own seq version and a reader re-probes any
 miss that overlapped a structural change. A reader that cannot get a stable view in `MAX_RETRIES` tries
@@ -43,6 +44,10 @@ CLOCK_ACCESS, CLOCK_WRITES_STARTED, CLOCK_WRITES_FINISHED = 0, 1, 2
 P_SEQ, P_SIZE, P_FREE_TOP, P_EVICTIONS, P_REJECTED = 0, 1, 2, 3, 4
 # record words before the values
 R_VERSION, R_KEY, R_TIME, R_COUNT = 0, 1, 2, 3
+# A record's version word: bit 0 set while a writer is in it, bit 1 set while it holds a live key, a counter
+# above. The live bit matters: a reader can be led to a record that was just freed (its index entry moved
+# under it), and a freed record must fail the reader's check whatever key it last held.
+V_WRITING, V_LIVE, V_STEP = 1, 2, 4
 RECORD_HEADER_WORDS = 4
 # overflow policies, as passed to kernels
 POLICY_LRU, POLICY_LFU, POLICY_RANDOM, POLICY_REJECT = 0, 1, 2, 3
@@ -125,7 +130,7 @@ def copy_record(rec, values, r, words, offset, key, out_row):
     """Copy record r into out_row if it holds key and no writer touched it meanwhile (the seqlock read)."""
     head = r * words
     version = load_acquire(rec, head + R_VERSION)
-    if version & 1:
+    if version & (V_WRITING | V_LIVE) != V_LIVE:
         return False
     owner = rec[head + R_KEY]
     for c in range(out_row.size):
@@ -220,25 +225,21 @@ def lookup_kernel_serial(clock, part, slots, rec, values, keys, out, found, num_
 def write_record(rec, values, r, words, offset, key, row):
     head = r * words
     version = rec[head + R_VERSION]
-    store_release(rec, head + R_VERSION, version + 1)
+    store_release(rec, head + R_VERSION, version | V_WRITING)
     release_fence()
     rec[head + R_KEY] = key
     for c in range(row.size):
         values[r, np.uint64(offset + c)] = row[c]
     release_fence()
-    store_release(rec, head + R_VERSION, version + 2)
+    store_release(rec, head + R_VERSION, (version & ~(V_WRITING | V_LIVE)) + V_STEP + V_LIVE)
 
 
 @njit(inline="always", cache=True)
 def retire_record(rec, r, words):
-    """Make every reader that still holds record r fail its check: bump the version, change the key."""
+    """Free record r: a new version without the live bit, so every reader that still holds r fails its check."""
     head = r * words
     version = rec[head + R_VERSION]
-    store_release(rec, head + R_VERSION, version + 1)
-    release_fence()
-    rec[head + R_KEY] = rec[head + R_KEY] ^ 1
-    release_fence()
-    store_release(rec, head + R_VERSION, version + 2)
+    store_release(rec, head + R_VERSION, (version & ~(V_WRITING | V_LIVE)) + V_STEP)
 
 
 @njit(inline="always", cache=True)
