@@ -56,7 +56,7 @@ class SparseBatch:
         keys, offsets, num_items = {}, {}, None
         for table, (table_keys, table_offsets) in features.items():
             where = f"{name}: table '{table}'"
-            k = _int_tensor(table_keys, f"{where}: keys", require_int64=True)
+            k = _int_tensor(table_keys, f"{where}: keys")
             o = _int_tensor(table_offsets, f"{where}: offsets")
             _check_jagged(k, o, where)
             if num_items is None:
@@ -116,12 +116,11 @@ class SparseBatch:
         )
 
 
-def _int_tensor(value: object, where: str, *, require_int64: bool = False) -> torch.Tensor:
+def _int_tensor(value: object, where: str) -> torch.Tensor:
+    """An int64 tensor; other integer types widen, floats and bools are refused."""
     tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
     if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dtype.is_complex:
         raise InvalidInputError(f"{where} must be int64, got {tensor.dtype}")
-    if require_int64 and tensor.dtype != torch.int64 and tensor.numel():
-        tensor = tensor.to(torch.int64)  # any integer type widens losslessly
     return tensor.to(torch.int64) if tensor.dtype != torch.int64 else tensor
 
 

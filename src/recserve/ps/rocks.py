@@ -129,8 +129,7 @@ class RocksTier:
         check_rows(table, rows, keys.size, entry.dim)
         data = np.ascontiguousarray(rows, dtype=entry.dtype).tobytes()
         row_bytes = entry.dim * np.dtype(entry.dtype).itemsize
-        batch = self._rd.WriteBatch(raw_mode=True)
-        batch.set_default_column_family(self._db.get_column_family_handle(entry.column_family))
+        batch = self._batch_for(entry)
         for i, key in enumerate(encode_keys(keys)):
             batch.put(key, data[i * row_bytes : (i + 1) * row_bytes])
         self._write(batch)
@@ -152,8 +151,7 @@ class RocksTier:
     def evict(self, table: str, keys: np.ndarray) -> int:
         family, entry = self._family(table)
         present = family.get(encode_keys(keys))  # to report how many were held
-        batch = self._rd.WriteBatch(raw_mode=True)
-        batch.set_default_column_family(self._db.get_column_family_handle(entry.column_family))
+        batch = self._batch_for(entry)
         for key in encode_keys(keys):
             batch.delete(key)
         self._write(batch)
@@ -315,6 +313,12 @@ class RocksTier:
         entry = CatalogEntry(f"t.{table.name}.0", table.dim, table.dtype, generation=0, imported_rows=0)
         family = self._db.create_column_family(entry.column_family, self._options())
         self._swap(table.name, entry, family, None)
+
+    def _batch_for(self, entry: CatalogEntry) -> object:
+        """A write batch aimed at the table's current column family."""
+        batch = self._rd.WriteBatch(raw_mode=True)
+        batch.set_default_column_family(self._db.get_column_family_handle(entry.column_family))
+        return batch
 
     def _write(self, batch: object) -> None:
         if self._config.read_only:
