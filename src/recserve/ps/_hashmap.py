@@ -200,7 +200,7 @@ def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, 
     is being fetched, and the row of key j - LOOKAHEAD_ROWS, fetched since it was located, is copied.
     """
     n = keys.size
-    now = fetch_add(clock, 0, n)
+    now = fetch_add(clock, CLOCK_ACCESS, n)
     where = np.empty(n, dtype=np.int64)
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         lo = chunk * CHUNK
@@ -215,7 +215,7 @@ PARALLEL_MIN_KEYS = 4096
 @njit(nogil=True, cache=True)
 def lookup_kernel_serial(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
     n = keys.size
-    now = fetch_add(clock, 0, n)
+    now = fetch_add(clock, CLOCK_ACCESS, n)
     where = np.empty(n, dtype=np.int64)
     lookup_range(now, part, slots, rec, values, keys, out, found, where, 0, n, num_slots, words, offset,
                  track_count)
@@ -330,7 +330,7 @@ def write_kernel(clock, part, slots, rec, free, values, keys, rows, order, start
 
     Keys are grouped by partition (order/starts) so each partition is written by one thread, in batch order.
     """
-    now = fetch_add(clock, 0, keys.size)
+    now = fetch_add(clock, CLOCK_ACCESS, keys.size)
     for p in prange(part.shape[0]):
         for j in range(starts[p], starts[p + 1]):
             i = order[j]
