@@ -1,4 +1,4 @@
-"""The `recserve` command: demo, import, lookup, stats. Thin: parse, build, call, print."""
+"""The `recserve` command: demo, import, lookup, stats, serve, repo. Thin: parse, build, call, print."""
 
 from __future__ import annotations
 
@@ -65,7 +65,46 @@ def _parser() -> argparse.ArgumentParser:
     stats = commands.add_parser("stats", help="print what the store holds per table")
     stats.add_argument("--config", type=Path, required=True)
     stats.set_defaults(run=_run_stats)
+
+    serve = commands.add_parser("serve", help="serve a model repository over KServe v2 HTTP and gRPC")
+    serve.add_argument("--repo", type=Path, required=True, help="model repository folder (one folder per model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: any free port)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: any free port)")
+    serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body or message, MiB")
+    serve.set_defaults(run=_run_serve)
+
+    repo = commands.add_parser("repo", help="write a model repository of reference models with seeded weights")
+    repo.add_argument("folder", type=Path)
+    repo.add_argument("--models", default="all", help="comma-separated reference models, or 'all'")
+    repo.add_argument("--preset", choices=["tiny", "full"], default="tiny")
+    repo.add_argument("--num-tasks", type=int, default=3, help="task heads of multi-task models")
+    repo.add_argument("--seed", type=int, default=0)
+    repo.set_defaults(run=_run_repo)
     return parser
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from recserve.serve.app import ServeOptions, run
+
+    run(ServeOptions(repo=args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                     max_body_bytes=int(args.max_body_mb * (1 << 20))))
+    return 0
+
+
+def _run_repo(args: argparse.Namespace) -> int:
+    from recserve.errors import InvalidInputError
+    from recserve.models.specs import MODEL_NAMES
+    from recserve.serve.repository import write_model_folder
+
+    names = list(MODEL_NAMES) if args.models == "all" else [m.strip() for m in args.models.split(",")]
+    unknown = [m for m in names if m not in MODEL_NAMES]
+    if unknown:
+        raise InvalidInputError(f"unknown models {unknown} (known: {', '.join(MODEL_NAMES)})")
+    for name in names:
+        write_model_folder(args.folder / name, name, args.preset, args.num_tasks, args.seed)
+        print(f"{args.folder / name}: {name} ({args.preset})")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -163,6 +163,37 @@ class RecserveConfig(StrictModel):
         return self
 
 
+class SchedulerConfig(StrictModel):
+    """DeepRecSched's knobs for one served model. Live-settable: the tuner moves them without a restart."""
+
+    batch_size: int = Field(64, gt=0, description="B: items per sub-batch; a query of N items runs as ceil(N/B).")
+    num_workers: int = Field(1, gt=0, description="W: worker processes running sub-batches concurrently.")
+    threads_per_worker: int = Field(1, gt=0, description="k: intra-op threads of each worker (W x k <= cores).")
+    accelerator_threshold: int | None = Field(
+        None, gt=0, description="T: queries of >= T items run whole on the accelerator (needs CUDA; else ignored)."
+    )
+    max_queue: int = Field(64, gt=0, description="Queries waiting per model, at most; more are refused (503).")
+    latency_target_ms: float = Field(
+        100.0, gt=0, description="A query's deadline after its arrival; one that cannot make it is refused at once."
+    )
+
+
+class ServingConfig(StrictModel):
+    """How one model of a serving repository is served: `<repo>/<model>/serve.yaml`, next to its checkpoint."""
+
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    dram: DramTierConfig = Field(default_factory=DramTierConfig)
+    rocksdb: RocksTierConfig = Field(
+        default_factory=lambda: RocksTierConfig(enabled=False),
+        description="Off by default: the checkpoint's tables then live in the DRAM tier only. A relative path "
+        "is taken from the model folder.",
+    )
+    dram_fraction: float = Field(
+        1.0, gt=0.0, le=1.0, description="DRAM tier capacity per table, as a fraction of the table's rows."
+    )
+    max_items: int = Field(65_536, gt=0, description="Items per query, at most (bigger queries: 400).")
+
+
 # --- HugeCTR HPS JSON ---------------------------------------------------------------------------------------
 # Field names and defaults are HPS's own; only the strictness is ours.
 

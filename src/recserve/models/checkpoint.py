@@ -11,6 +11,7 @@ training output loads straight into serving. `split_state_dict` does the same sp
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -57,16 +58,29 @@ def save_checkpoint(model: RecModel, folder: Path, preset: str, ps: Hierarchical
 def load_checkpoint(folder: Path, ps: HierarchicalPS) -> RecModel:
     """Import the tables of a checkpoint into `ps` and return the PS-backed model with its dense weights."""
     spec = checkpoint_spec(folder)
+    import_tables(folder, spec, ps)
+    return load_dense(build_model(spec, ps), folder)
+
+
+def import_tables(folder: Path, spec: ModelSpec, ps: HierarchicalPS,
+                  progress: Callable[[int], None] | None = None) -> None:
+    """Load every table of a checkpoint into `ps` (checked against the PS's table configs first)."""
     for table in spec.tables:
         source = formats.read_hugectr(folder / "sparse" / table.name, table.dim)
         formats.validate(source, ps.table(table.name))
-        ps.bulk_load(table.name, formats.as_int64_keys(source), source.rows)
-    model = build_model(spec, ps)
-    dense = torch.load(folder / "dense.pt", map_location="cpu", weights_only=True)
+        ps.bulk_load(table.name, formats.as_int64_keys(source), source.rows, progress)
+
+
+def load_dense(model: RecModel, folder: Path) -> RecModel:
+    """Load a checkpoint's dense weights (weights only: no code runs from the file) into `model`."""
+    path = folder / "dense.pt"
     try:
+        dense = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(dense)
-    except RuntimeError as error:
-        raise MalformedFileError(f"{folder / 'dense.pt'}: does not fit model '{spec.name}': {error}") from None
+    except OSError as error:
+        raise MalformedFileError(f"{path}: cannot read: {error}") from None
+    except (RuntimeError, ValueError, TypeError) as error:  # not a state_dict, or not this model's
+        raise MalformedFileError(f"{path}: does not fit model '{model.spec.name}': {error}") from None
     return model
 
 

@@ -52,6 +52,18 @@ class TableStats:
 
 
 @dataclass(frozen=True, slots=True)
+class LookupCounts:
+    """A table's lookup counters alone: cheap to take and to send between processes."""
+
+    lookups: int
+    keys: int
+    unique_keys: int
+    not_found: int
+    hits: dict[str, int]  # per tier name
+    misses: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class PSStats:
     tables: dict[str, TableStats]
 
@@ -277,6 +289,18 @@ class HierarchicalPS:
                     },
                 )
         return PSStats(tables=tables)
+
+    def counts(self) -> dict[str, LookupCounts]:
+        with self._lock:
+            return {
+                name: LookupCounts(c.lookups, c.keys, c.unique_keys, c.not_found, dict(c.hits), dict(c.misses))
+                for name, c in self._counters.items()
+            }
+
+    def reset_counts(self) -> None:
+        """Zero the lookup counters and latency histograms (what the tiers hold is untouched)."""
+        with self._lock:
+            self._counters = {name: self._new_counters() for name in self._counters}
 
     def close(self) -> None:
         for tier in self.tiers:

@@ -101,3 +101,39 @@ def estimate_s(num_items: int, knobs: SchedulerKnobs, per_item_s: float, per_bat
     work = batches * per_batch_s + (num_items + queued_items) * per_item_s
     one_batch = per_batch_s + min(num_items, knobs.batch_size) * per_item_s
     return max(work / knobs.num_workers, one_batch)
+
+
+@dataclass(slots=True)
+class CostModel:
+    """Sub-batch compute time ~ per_batch_s + per_item_s x items, fitted online by least squares.
+
+    Old observations fade by `decay` per new one, so the fit follows a machine whose load changes. Until two
+    different sizes have been seen, all cost is put on the items.
+    """
+
+    decay: float = 0.98
+    weight: float = 0.0
+    sum_x: float = 0.0
+    sum_y: float = 0.0
+    sum_xx: float = 0.0
+    sum_xy: float = 0.0
+
+    def observe(self, items: int, seconds: float) -> None:
+        d = self.decay
+        self.weight = self.weight * d + 1.0
+        self.sum_x = self.sum_x * d + items
+        self.sum_y = self.sum_y * d + seconds
+        self.sum_xx = self.sum_xx * d + items * items
+        self.sum_xy = self.sum_xy * d + items * seconds
+
+    def coefficients(self) -> tuple[float, float]:
+        """(per_batch_s, per_item_s), both >= 0; (0, 0) before any observation."""
+        if self.weight == 0.0 or self.sum_x == 0.0:
+            return 0.0, 0.0
+        spread = self.weight * self.sum_xx - self.sum_x * self.sum_x
+        if spread <= 1e-9 * self.sum_xx * self.weight:  # one size only: no intercept to fit
+            return 0.0, self.sum_y / self.sum_x
+        slope = (self.weight * self.sum_xy - self.sum_x * self.sum_y) / spread
+        slope = max(slope, 0.0)
+        intercept = max((self.sum_y - slope * self.sum_x) / self.weight, 0.0)
+        return intercept, slope

@@ -46,7 +46,7 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
         raise InvalidInputError(
             f"Inference-Header-Content-Length is {header_length}, but the body has {len(body)} bytes"
         )
-    header = _parse_json(body[:header_length])
+    header = parse_json_object(body[:header_length], "request header")
     binary = memoryview(body)[header_length:]
     raw_inputs = header.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
@@ -71,14 +71,24 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     )
 
 
-def _parse_json(raw: bytes | memoryview) -> dict:
+def parse_json_object(raw: bytes | memoryview, what: str) -> dict:
     try:
-        header = json.loads(bytes(raw))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidInputError(f"request header is not valid JSON: {error}") from None
-    if not isinstance(header, dict):
-        raise InvalidInputError(f"request header must be a JSON object, got {type(header).__name__}")
-    return header
+        parsed = json.loads(bytes(raw))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise InvalidInputError(f"{what} is not valid JSON: {error}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidInputError(f"{what} must be a JSON object, got {type(parsed).__name__}")
+    return parsed
+
+
+def timeout_parameter(parameters: dict[str, Any]) -> float | None:
+    """The request's `timeout` parameter (microseconds, as Triton's clients send it) in seconds, if any."""
+    if "timeout" not in parameters:
+        return None
+    value = parameters["timeout"]
+    if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+        raise InvalidInputError(f"parameter 'timeout' must be a positive number of microseconds, got {value!r}")
+    return value / 1e6
 
 
 def _decode_input(raw: object, position: int, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
@@ -86,11 +96,9 @@ def _decode_input(raw: object, position: int, binary: memoryview, offset: int) -
         raise InvalidInputError(f"inputs[{position}] must be an object")
     name = _string(raw.get("name"), f"inputs[{position}].name")
     where = f"input '{name}'"
-    shape = _shape(raw.get("shape"), where)
+    shape = check_shape(raw.get("shape"), where)
     datatype = raw.get("datatype")
-    if datatype not in DATATYPES:
-        raise InvalidInputError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
-    dtype = DATATYPES[datatype]
+    dtype = check_datatype(datatype, where)
     count = math.prod(shape)
     parameters = _mapping(raw.get("parameters", {}), f"{where}.parameters")
     if "binary_data_size" in parameters:
@@ -138,7 +146,13 @@ def _kind_word(kind: str) -> str:
     return {"b": "booleans", "f": "numbers", "iu": "integers"}[kind]
 
 
-def _shape(raw: object, where: str) -> list[int]:
+def check_datatype(datatype: object, where: str) -> np.dtype:
+    if datatype not in DATATYPES:
+        raise InvalidInputError(f"{where}: datatype {datatype!r} is not one of {', '.join(DATATYPES)}")
+    return DATATYPES[datatype]  # type: ignore[index]
+
+
+def check_shape(raw: object, where: str) -> list[int]:
     if (
         not isinstance(raw, list)
         or len(raw) > MAX_DIMS

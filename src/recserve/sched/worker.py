@@ -1,0 +1,176 @@
+"""A worker process: one model replica over the shared parameter server, running the sub-batches it is sent.
+
+Processes, not threads, as DeepRecSys's workers: each sets its own intra-op thread count (k) and runs Python
+without sharing a GIL with the front end or its siblings. They share the embeddings all the same: the DRAM tier
+is attached from shared memory (one copy for every worker), and its misses are read through the serving
+process, which owns the persistent store (`ps/remote.py`). A worker loads only its model's dense weights.
+
+The protocol on the task pipe: the worker first sends `Ready` (or `Ready(error=...)` and exits); then for each
+`SubBatch` it answers one `SubBatchDone`; `CountsRequest` asks for its lookup counters; `None` stops it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recserve.config import TableConfig
+from recserve.errors import InvalidInputError, RecserveError
+from recserve.models.specs import ModelSpec
+from recserve.ps.dram import DramTableHandle
+from recserve.ps.server import LookupCounts
+from recserve.sparse import SparseBatch
+
+WARM_UP_ITEMS = 64
+COUNTS_EVERY_S = 0.5  # a busy worker attaches its lookup counters to a result at most this often
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """All a worker needs to build its replica; picklable, sent once at spawn."""
+
+    folder: Path  # the model's checkpoint folder (dense.pt)
+    spec: ModelSpec
+    tables: list[TableConfig]
+    dram: list[DramTableHandle]  # shared-memory tables to attach; empty without a DRAM tier
+    remote_tier: str | None  # name of the owner's slower tier, reached over the lookups pipe; None: no such tier
+    device: str = "cpu"
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SubBatch:
+    """Items [start, stop) of one query, as plain arrays (pickled by value: no tensor sharing tricks)."""
+
+    task_id: int
+    threads: int  # k, applied before running: the knob moves without a message of its own
+    dense: np.ndarray | None  # [items, dense_features] float32, None for models without dense features
+    keys: dict[str, np.ndarray]
+    offsets: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, task_id: int, threads: int, dense: np.ndarray | None, sparse: SparseBatch) -> SubBatch:
+        return cls(
+            task_id, threads, dense,
+            keys={t: sparse.keys[t].numpy() for t in sparse.tables},
+            offsets={t: sparse.offsets[t].numpy() for t in sparse.tables},
+        )
+
+    def sparse(self) -> SparseBatch:
+        num_items = len(next(iter(self.offsets.values()))) - 1 if self.offsets else 0
+        return SparseBatch(
+            tables=tuple(self.keys),
+            keys={t: torch.from_numpy(k) for t, k in self.keys.items()},
+            offsets={t: torch.from_numpy(o) for t, o in self.offsets.items()},
+            num_items=num_items,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubBatchDone:
+    task_id: int
+    scores: np.ndarray | None  # [items, tasks] float32; None on error
+    compute_s: float = 0.0
+    error: str = ""
+    invalid_input: bool = False  # the error is the request's fault (400), not the server's (500)
+    counts: dict[str, LookupCounts] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CountsRequest:
+    pass
+
+
+def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | None) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then stops its workers
+    torch.set_num_threads(1)
+    try:
+        model, ps = _build_replica(setup, lookups)
+    except Exception as error:  # reported to the parent, which names it in its own error
+        tasks.send(Ready(error=f"{type(error).__name__}: {error}"))
+        return
+    _warm_up(model, setup)
+    ps.reset_counts()  # the warm-up's lookups are not traffic
+    tasks.send(Ready())
+    counts_sent_at = 0.0
+    with torch.inference_mode():
+        while True:
+            try:
+                message = tasks.recv()
+            except (EOFError, OSError):
+                break
+            if message is None:
+                break
+            if isinstance(message, CountsRequest):
+                tasks.send(ps.counts())
+                continue
+            done = _run(model, message, setup.device)
+            if time.monotonic() - counts_sent_at >= COUNTS_EVERY_S:
+                done = SubBatchDone(done.task_id, done.scores, done.compute_s, done.error, done.invalid_input,
+                                    counts=ps.counts())
+                counts_sent_at = time.monotonic()
+            tasks.send(done)
+    ps.close()
+
+
+def _build_replica(setup: WorkerSetup, lookups: Connection | None):  # -> (RecModel, HierarchicalPS)
+    from recserve.models import build_model
+    from recserve.models.checkpoint import load_dense
+    from recserve.ps.dram import DramTier
+    from recserve.ps.remote import RemoteTier
+    from recserve.ps.server import HierarchicalPS
+    from recserve.ps.tiers import Tier
+
+    tiers: list[Tier] = []
+    if setup.dram:
+        tiers.append(DramTier.attach(setup.dram))
+    if setup.remote_tier is not None and lookups is not None:
+        tiers.append(RemoteTier(setup.remote_tier, lookups))
+    ps = HierarchicalPS(setup.tables, tiers)
+    model = load_dense(build_model(setup.spec, ps), setup.folder).to(setup.device)
+    return model, ps
+
+
+def _warm_up(model: torch.nn.Module, setup: WorkerSetup) -> None:
+    """Run a few throwaway queries before reporting ready: torch's first calls of each shape allocate and
+    dispatch slowly, and the scheduler's cost model must not learn from them (nor the first client wait)."""
+    spec = setup.spec
+    for items in (1, WARM_UP_ITEMS):
+        features = {
+            t.name: (np.zeros(items * t.keys_per_item, dtype=np.int64), np.full(items, t.keys_per_item))
+            for t in spec.tables
+        }
+        dense = np.zeros((items, spec.dense_features), dtype=np.float32) if spec.dense_features else None
+        task = SubBatch.of(0, torch.get_num_threads(), dense, SparseBatch.from_lengths(features))
+        for _ in range(2):
+            done = _run(model, task, setup.device)
+            if done.error:
+                raise RuntimeError(f"warm-up query failed: {done.error}")
+
+
+def _run(model: torch.nn.Module, task: SubBatch, device: str) -> SubBatchDone:
+    if torch.get_num_threads() != task.threads:
+        torch.set_num_threads(task.threads)
+    started = time.perf_counter()
+    try:
+        dense = None if task.dense is None else torch.from_numpy(task.dense)
+        scores = model(dense, task.sparse().to(device) if device != "cpu" else task.sparse())
+        result = scores.detach().to("cpu", torch.float32).numpy()
+    except InvalidInputError as error:
+        return SubBatchDone(task.task_id, None, error=str(error), invalid_input=True)
+    except RecserveError as error:  # a tier failed (e.g. the persistent store is unreachable)
+        return SubBatchDone(task.task_id, None, error=str(error))
+    except Exception as error:  # a bug: reported, and the worker lives on for the next sub-batch
+        return SubBatchDone(task.task_id, None, error=f"{type(error).__name__}: {error}")
+    return SubBatchDone(task.task_id, result, compute_s=time.perf_counter() - started)

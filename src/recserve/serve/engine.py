@@ -1,0 +1,196 @@
+"""The serving engine both front ends call: the loaded models, inference, statistics, status codes.
+
+The HTTP and gRPC front ends only translate their wire format to `InferRequest` and back; everything else
+(validation, admission, scheduling, accounting) happens once, here and below. Errors map to status codes in
+one table, `STATUS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from recserve.errors import (
+    CapacityError,
+    InvalidInputError,
+    NotFoundError,
+    OverloadedError,
+    RecserveError,
+    TierUnavailableError,
+)
+from recserve.sched.executor import QueryResult
+from recserve.serve.codec import InferRequest
+from recserve.serve.metrics import Metrics
+from recserve.serve.repository import ServedModel, load_model, model_folders
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = "recserve"
+MODEL_VERSION = "1"
+EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository"]
+
+# error class -> (HTTP status, gRPC code, outcome label); the first match in order wins
+STATUS: list[tuple[type[BaseException], int, grpc.StatusCode, str]] = [
+    (NotFoundError, 404, grpc.StatusCode.NOT_FOUND, "not_found"),
+    (InvalidInputError, 400, grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
+    (CapacityError, 503, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
+    (OverloadedError, 503, grpc.StatusCode.UNAVAILABLE, "overloaded"),
+    (TierUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "unavailable"),
+]
+
+
+def status_of(error: BaseException) -> tuple[int, grpc.StatusCode, str]:
+    for kind, http, code, outcome in STATUS:
+        if isinstance(error, kind):
+            return http, code, outcome
+    return 500, grpc.StatusCode.INTERNAL, "error"
+
+
+@dataclass
+class ModelStatistics:
+    """Triton's per-model statistics: items and sub-batches run, time spent by stage (ns)."""
+
+    inference_count: int = 0  # items scored
+    execution_count: int = 0  # sub-batches run
+    last_inference_ms: int = 0
+    success: list[int] = field(default_factory=lambda: [0, 0])  # [count, ns]
+    fail: list[int] = field(default_factory=lambda: [0, 0])
+    queue: list[int] = field(default_factory=lambda: [0, 0])
+    compute: list[int] = field(default_factory=lambda: [0, 0])
+
+
+class InferenceServer:
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.models: dict[str, ServedModel] = {}
+        self.statistics: dict[str, ModelStatistics] = {}
+        self.ready = False
+        self.load_error: str | None = None
+        self.metrics = Metrics(lambda: dict(self.models))
+        self._lock = threading.Lock()
+
+    # --- lifetime ---
+
+    def load(self) -> None:
+        """Load every model of the repository (blocking); ready once all are in."""
+        for folder in model_folders(self.repo):
+            started = time.perf_counter()
+            model = load_model(folder)
+            with self._lock:
+                self.models[model.name] = model
+                self.statistics[model.name] = ModelStatistics()
+            log.info("model %s loaded in %.1f s", model.name, time.perf_counter() - started)
+        self.ready = True
+
+    def close(self) -> None:
+        self.ready = False
+        for model in self.models.values():
+            model.close()
+
+    # --- lookups ---
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.models)) or "none loaded yet"
+            raise NotFoundError(f"unknown model '{name}' (serving: {known})")
+        if version not in ("", MODEL_VERSION):
+            raise NotFoundError(f"model '{name}' has no version '{version}' (serving version {MODEL_VERSION})")
+        return model
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            return self.model(name, version).executor.num_workers_alive() > 0
+        except NotFoundError:
+            return False
+
+    # --- inference ---
+
+    async def infer(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
+                    protocol: str) -> dict[str, np.ndarray]:
+        """Scores of one request; raises a RecserveError (mapped by `status_of`) on anything wrong."""
+        started = time.perf_counter()
+        model_label = name if name in self.models else "_unknown"
+        try:
+            model = self.model(name, version)
+            unknown = [o for o in request.outputs if o not in {t.name for t in model.signature.outputs}]
+            if unknown:
+                raise InvalidInputError(f"model '{name}' has no outputs {unknown} (it has: scores)")
+            dense, sparse = model.signature.decode(request.inputs)
+            future = model.executor.submit(dense, sparse, timeout_s)
+            result: QueryResult = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.metrics.request(model_label, protocol, "cancelled")
+            raise
+        except Exception as error:
+            self._record_failure(model_label, time.perf_counter() - started)
+            self.metrics.request(model_label, protocol, status_of(error)[2])
+            raise
+        self._record_success(name, result)
+        self.metrics.request(name, protocol, "ok")
+        self.metrics.observe(name, result)
+        return {"scores": result.scores}
+
+    def _record_success(self, name: str, result: QueryResult) -> None:
+        with self._lock:
+            s = self.statistics[name]
+            s.inference_count += result.scores.shape[0]
+            s.execution_count += result.sub_batches
+            s.last_inference_ms = int(time.time() * 1e3)
+            for pair, seconds in ((s.success, result.total_s), (s.queue, result.queue_s),
+                                  (s.compute, result.compute_s)):
+                pair[0] += 1
+                pair[1] += int(seconds * 1e9)
+
+    def _record_failure(self, name: str, seconds: float) -> None:
+        with self._lock:
+            if name in self.statistics:
+                self.statistics[name].fail[0] += 1
+                self.statistics[name].fail[1] += int(seconds * 1e9)
+
+    # --- control (the tuner's API) ---
+
+    def scheduler_state(self, name: str) -> dict[str, object]:
+        model = self.model(name)
+        knobs = model.executor.knobs
+        outstanding, pending_items = model.executor.queue_state()
+        return {
+            "batch_size": knobs.batch_size, "num_workers": knobs.num_workers,
+            "threads_per_worker": knobs.threads_per_worker, "accelerator_threshold": knobs.accelerator_threshold,
+            "max_queue": knobs.max_queue, "latency_target_ms": model.executor.latency_target_s * 1e3,
+            "accelerator_available": model.executor.accelerator_available,
+            "queries_outstanding": outstanding, "items_waiting": pending_items,
+        }
+
+    def set_scheduler(self, name: str, changes: dict[str, object]) -> dict[str, object]:
+        """Apply knob changes (blocking: new workers start before this returns)."""
+        model = self.model(name)
+        changes = dict(changes)
+        target_ms = changes.pop("latency_target_ms", None)
+        allowed = {"batch_size", "num_workers", "threads_per_worker", "accelerator_threshold", "max_queue"}
+        unknown = sorted(set(changes) - allowed)
+        if unknown:
+            raise InvalidInputError(f"unknown scheduler settings {unknown} (known: {sorted(allowed)}, "
+                                    "latency_target_ms)")
+        for key, value in changes.items():
+            if not (value is None and key == "accelerator_threshold") and (
+                not isinstance(value, int) or isinstance(value, bool)
+            ):
+                raise InvalidInputError(f"scheduler setting '{key}' must be an integer, got {value!r}")
+        if target_ms is not None and (not isinstance(target_ms, int | float) or isinstance(target_ms, bool)):
+            raise InvalidInputError(f"latency_target_ms must be a number, got {target_ms!r}")
+        model.executor.set_knobs(latency_target_s=None if target_ms is None else target_ms / 1e3, **changes)
+        return self.scheduler_state(name)
+
+
+def raise_unless_recserve(error: BaseException) -> None:
+    """Front ends answer RecserveErrors with their status; anything else is logged as the bug it is."""
+    if not isinstance(error, RecserveError):
+        log.error("unexpected error while serving a request", exc_info=error)

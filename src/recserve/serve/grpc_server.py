@@ -1,0 +1,185 @@
+"""The KServe v2 gRPC front end: `inference.GRPCInferenceService` on grpc.aio.
+
+The messages come from our own kserve_v2.proto, compiled when this module loads (grpc.protos; no generated
+code in the tree). The service is registered by its spec name with generic handlers, so Triton's and KServe's
+clients call it unchanged. Errors abort the call with the code `engine.status_of` gives, and a message naming
+what was wrong; a malformed message never reaches our code (grpc refuses it while decoding).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+
+from recserve.errors import InvalidInputError, RecserveError
+from recserve.serve.codec import DATATYPE_OF, InferRequest, check_datatype, check_shape, timeout_parameter
+from recserve.serve.engine import MODEL_VERSION, InferenceServer, raise_unless_recserve, status_of
+from recserve.serve.protocol import model_config_json, model_metadata_json, server_metadata, statistics_json
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # grpc.protos resolves the path from sys.path
+if _PACKAGE_ROOT not in sys.path:
+    sys.path.append(_PACKAGE_ROOT)
+pb = grpc.protos("recserve/serve/kserve_v2.proto")
+
+# typed `contents` field of each datatype, for requests that send values instead of raw bytes
+CONTENTS_FIELD = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+    "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents",
+    "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+}
+
+
+def decode_infer_request(message: Any) -> InferRequest:
+    """A ModelInferRequest as the engine's InferRequest, every tensor checked against its declaration."""
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        raise InvalidInputError(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs")
+    if not message.inputs:
+        raise InvalidInputError("request has no inputs")
+    inputs: dict[str, np.ndarray] = {}
+    for position, tensor in enumerate(message.inputs):
+        where = f"input '{tensor.name}'"
+        if tensor.name in inputs:
+            raise InvalidInputError(f"{where} appears twice")
+        shape = check_shape(list(tensor.shape), where)
+        dtype = check_datatype(tensor.datatype, where)
+        count = math.prod(shape)
+        if raw:
+            data = raw[position]
+            if len(data) != count * dtype.itemsize:
+                raise InvalidInputError(f"{where}: raw content has {len(data)} bytes, shape {shape} of "
+                                        f"{tensor.datatype} needs {count * dtype.itemsize}")
+            inputs[tensor.name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+            continue
+        field = CONTENTS_FIELD.get(tensor.datatype)
+        if field is None:
+            raise InvalidInputError(f"{where}: {tensor.datatype} must be sent in raw_input_contents")
+        values = getattr(tensor.contents, field)
+        if len(values) != count:
+            raise InvalidInputError(f"{where}: shape {shape} needs {count} values, contents has {len(values)}")
+        try:
+            inputs[tensor.name] = np.array(values, dtype=dtype).reshape(shape)
+        except OverflowError:
+            raise InvalidInputError(f"{where}: values outside the range of {tensor.datatype}") from None
+    return InferRequest(
+        id=message.id, inputs=inputs, outputs={o.name: True for o in message.outputs},
+        parameters={key: _parameter_value(value) for key, value in message.parameters.items()},
+    )
+
+
+def _parameter_value(parameter: Any) -> object:
+    choice = parameter.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(parameter, choice)
+
+
+def encode_infer_response(name: str, request_id: str, outputs: dict[str, np.ndarray]) -> Any:
+    response = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION, id=request_id)
+    for output_name, tensor in outputs.items():
+        response.outputs.add(name=output_name, datatype=DATATYPE_OF[tensor.dtype], shape=list(tensor.shape))
+        response.raw_output_contents.append(np.ascontiguousarray(tensor).tobytes())
+    return response
+
+
+Rpc = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+def _mapped_errors(rpc: Rpc) -> Rpc:
+    """Abort with the status of a RecserveError (or INTERNAL for a bug); the server itself carries on."""
+
+    @functools.wraps(rpc)
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await rpc(request, context)
+        except Exception as error:
+            raise_unless_recserve(error)
+            code = status_of(error)[1]
+            message = str(error) if isinstance(error, RecserveError) else f"internal error: {type(error).__name__}"
+        await context.abort(code, message)
+
+    return call
+
+
+class InferenceService:
+    def __init__(self, server: InferenceServer) -> None:
+        self.server = server
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ServerReadyResponse(ready=self.server.ready)
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return pb.ModelReadyResponse(ready=self.server.model_ready(request.name, request.version))
+
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return json_format.ParseDict(server_metadata(), pb.ServerMetadataResponse())
+
+    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        model = self.server.model(request.name, request.version)
+        return json_format.ParseDict(model_metadata_json(model), pb.ModelMetadataResponse())
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        model = self.server.model(request.name, request.version)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(model_config_json(model), pb.ModelConfig()))
+
+    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        names = [self.server.model(request.name, request.version).name] if request.name else sorted(
+            self.server.models)
+        stats = [statistics_json(n, self.server.statistics[n]) for n in names]
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        response = pb.RepositoryIndexResponse()
+        for name in sorted(self.server.models):
+            ready = self.server.model_ready(name)
+            if ready or not request.ready:
+                response.models.add(name=name, version=MODEL_VERSION, state="READY" if ready else "UNAVAILABLE")
+        return response
+
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        infer_request = decode_infer_request(request)
+        timeout_s = timeout_parameter(infer_request.parameters)
+        remaining = context.time_remaining()  # the client's deadline, if it set one
+        if remaining is not None:
+            timeout_s = remaining if timeout_s is None else min(timeout_s, remaining)
+        outputs = await self.server.infer(request.model_name, request.model_version, infer_request, timeout_s,
+                                          "grpc")
+        return encode_infer_response(request.model_name, request.id, outputs)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        requests = {
+            "ServerLive": pb.ServerLiveRequest, "ServerReady": pb.ServerReadyRequest,
+            "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
+            "ModelMetadata": pb.ModelMetadataRequest, "ModelConfig": pb.ModelConfigRequest,
+            "ModelStatistics": pb.ModelStatisticsRequest, "RepositoryIndex": pb.RepositoryIndexRequest,
+            "ModelInfer": pb.ModelInferRequest,
+        }
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            method: grpc.unary_unary_rpc_method_handler(
+                _mapped_errors(getattr(self, method)), request_deserializer=message.FromString,
+                response_serializer=lambda response: response.SerializeToString(),
+            )
+            for method, message in requests.items()
+        })
+
+
+def build_server(server: InferenceServer, max_message_bytes: int) -> grpc.aio.Server:
+    grpc_server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ])
+    grpc_server.add_generic_rpc_handlers((InferenceService(server).handler(),))
+    return grpc_server

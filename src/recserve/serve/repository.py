@@ -1,0 +1,218 @@
+"""The model repository: one folder per served model, each a checkpoint plus how to serve it.
+
+    repo/<name>/model.json    which reference model, preset, tasks      (models/checkpoint.py writes these three)
+    repo/<name>/dense.pt      dense weights (a state_dict, loaded weights-only)
+    repo/<name>/sparse/<table>/  embedding tables, HugeCTR format, imported into the model's parameter server
+    repo/<name>/serve.yaml    optional ServingConfig: scheduler knobs, latency target, PS tiers, limits
+
+Inputs of every model (the README shows a tritonclient example):
+    <table>_keys     INT64 [total keys]      keys of every item, item after item
+    <table>_lengths  INT32 or INT64 [items]  keys per item
+    dense            FP32 [items, width]     only for models with dense features
+Output: scores FP32 [items, tasks]. <table> is the table's name without the model's prefix ("t0", "ad").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from pydantic import ValidationError
+
+from recserve.config import PSConfig, ServingConfig, describe_errors
+from recserve.errors import ConfigError, InvalidInputError, NotFoundError
+from recserve.models import table_configs
+from recserve.models.checkpoint import checkpoint_spec, import_tables
+from recserve.models.specs import ModelSpec
+from recserve.ps.dram import DramTier
+from recserve.ps.rocks import RocksTier
+from recserve.ps.server import HierarchicalPS
+from recserve.sched.executor import Executor
+from recserve.sched.policy import SchedulerKnobs
+from recserve.sched.worker import WorkerSetup
+from recserve.sparse import SparseBatch
+
+log = logging.getLogger(__name__)
+
+SERVING_FILE = "serve.yaml"
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    name: str
+    datatypes: tuple[str, ...]  # accepted v2 datatypes; the first is the one advertised
+    shape: tuple[int, ...]  # -1: any size
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSignature:
+    """What a model takes and gives, and how to turn checked tensors into (dense, SparseBatch)."""
+
+    spec: ModelSpec
+    max_items: int
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        tensors = []
+        for table in self.spec.tables:
+            short = short_name(self.spec, table.name)
+            tensors.append(TensorSpec(f"{short}_keys", ("INT64",), (-1,)))
+            tensors.append(TensorSpec(f"{short}_lengths", ("INT64", "INT32"), (-1,)))
+        if self.spec.dense_features:
+            tensors.append(TensorSpec("dense", ("FP32",), (-1, self.spec.dense_features)))
+        return tensors
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("scores", ("FP32",), (-1, self.spec.num_tasks))]
+
+    def decode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, SparseBatch]:
+        """Check names, datatypes and shapes, and build the query. Errors name the input at fault."""
+        expected = {t.name: t for t in self.inputs}
+        missing = [name for name in expected if name not in inputs]
+        extra = [name for name in inputs if name not in expected]
+        if extra:
+            raise InvalidInputError(f"model '{self.spec.name}': unexpected inputs {extra[:5]}")
+        if missing:
+            raise InvalidInputError(f"model '{self.spec.name}': missing inputs {missing[:5]}"
+                                    + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        for name, tensor_spec in expected.items():
+            _check_tensor(inputs[name], tensor_spec)
+        features = {}
+        for table in self.spec.tables:
+            short = short_name(self.spec, table.name)
+            keys, lengths = inputs[f"{short}_keys"], inputs[f"{short}_lengths"]
+            self._check_items(lengths.shape[0], f"{short}_lengths")
+            features[table.name] = (_owned(keys), _owned(lengths))
+        sparse = SparseBatch.from_lengths(features, name=f"model '{self.spec.name}'")
+        dense = None
+        if self.spec.dense_features:
+            dense = _owned(inputs["dense"])
+            if dense.shape[0] != sparse.num_items:
+                raise InvalidInputError(
+                    f"input 'dense' has {dense.shape[0]} items, the lengths inputs have {sparse.num_items}"
+                )
+        return dense, sparse
+
+    def _check_items(self, items: int, where: str) -> None:
+        if items == 0:
+            raise InvalidInputError(f"empty query: input '{where}' has 0 items")
+        if items > self.max_items:
+            raise InvalidInputError(
+                f"input '{where}' has {items} items, model '{self.spec.name}' takes at most {self.max_items} per "
+                "query (serve.yaml max_items)"
+            )
+
+
+def short_name(spec: ModelSpec, table: str) -> str:
+    prefix = f"{spec.name}_"
+    return table[len(prefix):] if table.startswith(prefix) else table
+
+
+def _check_tensor(tensor: np.ndarray, spec: TensorSpec) -> None:
+    from recserve.serve.codec import DATATYPE_OF
+
+    datatype = DATATYPE_OF.get(tensor.dtype, str(tensor.dtype))
+    if datatype not in spec.datatypes:
+        raise InvalidInputError(f"input '{spec.name}': datatype must be {' or '.join(spec.datatypes)}, got {datatype}")
+    if len(tensor.shape) != len(spec.shape) or any(
+        want != -1 and got != want for got, want in zip(tensor.shape, spec.shape, strict=True)
+    ):
+        wanted = ["N" if d == -1 else d for d in spec.shape]
+        raise InvalidInputError(f"input '{spec.name}': shape must be {wanted}, got {list(tensor.shape)}")
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+    """A writable, aligned, contiguous copy where the wire gave a read-only or unaligned view (binary data)."""
+    return np.require(array, requirements=["C", "A", "W"])
+
+
+@dataclass
+class ServedModel:
+    name: str
+    folder: Path
+    signature: ModelSignature
+    config: ServingConfig
+    ps: HierarchicalPS  # the owner: holds the shared-memory tables and the read-write persistent store
+    executor: Executor
+
+    def close(self) -> None:
+        self.executor.close()
+        self.ps.close()
+
+
+def read_serving_config(folder: Path) -> ServingConfig:
+    path = folder / SERVING_FILE
+    if not path.exists():
+        return ServingConfig()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+        return ServingConfig.model_validate(data)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {describe_errors(error)}") from None
+
+
+def model_folders(repo: Path) -> list[Path]:
+    if not repo.is_dir():
+        raise NotFoundError(f"model repository {repo} is not a folder")
+    folders = sorted(p for p in repo.iterdir() if p.is_dir() and (p / "model.json").exists())
+    if not folders:
+        raise NotFoundError(f"model repository {repo} has no model folders (each needs a model.json)")
+    return folders
+
+
+def load_model(folder: Path) -> ServedModel:
+    """Import the model's tables into its own parameter server, start its workers; ready to serve."""
+    spec = checkpoint_spec(folder)
+    config = read_serving_config(folder)
+    ps = _parameter_server(folder, spec, config)
+    try:
+        import_tables(folder, spec, ps)
+        dram = [t for t in ps.tiers if isinstance(t, DramTier)]
+        persistent = next((t for t in ps.tiers if isinstance(t, RocksTier)), None)
+        setup = WorkerSetup(folder=folder, spec=spec, tables=list(ps.tables.values()),
+                            dram=dram[0].handles() if dram else [],
+                            remote_tier=persistent.name if persistent else None)
+        s = config.scheduler
+        knobs = SchedulerKnobs(s.batch_size, s.num_workers, s.threads_per_worker, s.accelerator_threshold,
+                               s.max_queue)
+        executor = Executor(folder.name, setup, knobs, s.latency_target_ms / 1e3, persistent).start()
+    except BaseException:
+        ps.close()
+        raise
+    signature = ModelSignature(spec, config.max_items)
+    return ServedModel(folder.name, folder, signature, config, ps, executor)
+
+
+def _parameter_server(folder: Path, spec: ModelSpec, config: ServingConfig) -> HierarchicalPS:
+    where = folder / SERVING_FILE
+    if not config.dram.shared_memory:
+        raise ConfigError(f"{where}: dram.shared_memory must be true: worker processes attach the DRAM tier")
+    if not config.rocksdb.enabled and (not config.dram.enabled or config.dram_fraction < 1.0):
+        raise ConfigError(f"{where}: without the rocksdb tier the DRAM tier must hold every row "
+                          "(dram.enabled true, dram_fraction 1.0)")
+    rocksdb = config.rocksdb
+    if not rocksdb.path.is_absolute():
+        rocksdb = rocksdb.model_copy(update={"path": folder / rocksdb.path})
+    ps_config = PSConfig(tables=table_configs(spec, config.dram_fraction), dram=config.dram, rocksdb=rocksdb)
+    return HierarchicalPS.from_config(ps_config)
+
+
+def write_model_folder(folder: Path, model: str, preset: str = "tiny", num_tasks: int = 3, seed: int = 0,
+                       serving: dict | None = None) -> None:
+    """A servable model folder: a checkpoint of the reference model with seeded weights and tables, and its
+    serve.yaml (defaults unless `serving` says otherwise, checked against ServingConfig)."""
+    from recserve.models import build_model
+    from recserve.models.checkpoint import save_checkpoint
+    from recserve.models.specs import model_spec
+
+    spec = model_spec(model, preset, num_tasks)  # type: ignore[arg-type]
+    settings = ServingConfig.model_validate(serving or {})
+    save_checkpoint(build_model(spec, seed=seed), folder, preset)
+    (folder / SERVING_FILE).write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_defaults=True)
+                                                      or {}, sort_keys=False))
