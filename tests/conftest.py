@@ -43,3 +43,30 @@ def ps(tmp_path: Path) -> Iterator[HierarchicalPS]:
     config = make_ps_config(tmp_path / "store", [make_table(dram_capacity_rows=16)], partitions=2)
     with HierarchicalPS.from_config(config) as server:
         yield server
+
+
+def reference_model(folder: Path) -> tuple:  # -> (RecModel, HierarchicalPS)
+    """The model of a repository folder loaded in-process (private DRAM tier, no workers): the scores a served
+    model must reproduce."""
+    from recserve.models import table_configs
+    from recserve.models.checkpoint import checkpoint_spec, load_checkpoint
+
+    spec = checkpoint_spec(folder)
+    config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=2, shared_memory=False),
+                      rocksdb=RocksTierConfig(enabled=False))
+    ps = HierarchicalPS.from_config(config)
+    return load_checkpoint(folder, ps), ps
+
+
+def v2_inputs(spec: object, dense: object, sparse: object) -> dict[str, np.ndarray]:
+    """A query as the served model's named inputs: <table>_keys, <table>_lengths, dense."""
+    from recserve.serve.repository import short_name
+
+    arrays = {}
+    for table in spec.tables:  # type: ignore[attr-defined]
+        short = short_name(spec, table.name)  # type: ignore[arg-type]
+        arrays[f"{short}_keys"] = sparse.keys[table.name].numpy()  # type: ignore[attr-defined]
+        arrays[f"{short}_lengths"] = sparse.lengths(table.name).numpy()  # type: ignore[attr-defined]
+    if spec.dense_features:  # type: ignore[attr-defined]
+        arrays["dense"] = np.asarray(dense, dtype=np.float32)
+    return arrays

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from recserve.errors import InvalidInputError
 from recserve.sched.policy import (
+    CostModel,
     QueryInfo,
     SchedulerKnobs,
     admit,
@@ -66,3 +67,24 @@ def test_knobs_must_be_positive(field: str) -> None:
     values = {"batch_size": 1, "num_workers": 1, "threads_per_worker": 1, "max_queue": 1, field: 0}
     with pytest.raises(InvalidInputError, match=f"{field} must be >= 1, got 0"):
         SchedulerKnobs(**values)
+
+
+@given(per_batch=st.floats(0, 0.01), per_item=st.floats(1e-6, 1e-3),
+       sizes=st.lists(st.integers(1, 512), min_size=2, max_size=40).filter(lambda s: len(set(s)) > 1))
+def test_cost_model_recovers_a_linear_cost(per_batch: float, per_item: float, sizes: list[int]) -> None:
+    model = CostModel()
+    for items in sizes:
+        model.observe(items, per_batch + per_item * items)
+    fitted_batch, fitted_item = model.coefficients()
+    assert fitted_item == pytest.approx(per_item, rel=1e-4, abs=1e-9)
+    assert fitted_batch == pytest.approx(per_batch, rel=1e-3, abs=1e-8)
+
+
+def test_cost_model_with_one_size_puts_the_cost_on_items_and_forgets_old_load() -> None:
+    model = CostModel(decay=0.5)
+    assert model.coefficients() == (0.0, 0.0)
+    model.observe(64, 0.064)
+    assert model.coefficients() == (0.0, pytest.approx(0.001))
+    for _ in range(30):  # the machine got 10x faster: the old figure fades
+        model.observe(64, 0.0064)
+    assert model.coefficients()[1] == pytest.approx(0.0001, rel=1e-3)

@@ -1,0 +1,99 @@
+"""A real `recserve serve` process over a repository of all eight tiny models, shared by the serving tests."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recserve.models.specs import MODEL_NAMES
+from recserve.serve.repository import write_model_folder
+
+STARTUP_TIMEOUT_S = 600
+SERVING = {  # generous deadline: a loaded CI machine must not turn correctness tests into shedding tests
+    "scheduler": {"batch_size": 16, "num_workers": 1, "latency_target_ms": 60_000, "max_queue": 4096},
+    "dram": {"num_partitions": 2},
+    "max_items": 4096,
+}
+MAX_BODY_MB = 8
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    http: str  # host:port
+    grpc: str
+    repo: Path
+    log: Path
+
+    def assert_alive(self) -> None:
+        assert self.process.poll() is None, f"the server died:\n{self.log.read_text()[-4000:]}"
+
+
+@pytest.fixture(scope="session")
+def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("repo")
+    for name in MODEL_NAMES:
+        write_model_folder(repo / name, name, "tiny", num_tasks=3, seed=7, serving=SERVING)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    log = tmp_path_factory.mktemp("server") / "stderr.log"
+    command = [sys.executable, "-m", "recserve.cli", "-v", "serve", "--repo", str(model_repo),
+               "--http-port", "0", "--grpc-port", "0", "--max-body-mb", str(MAX_BODY_MB)]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        ports = json.loads(_read_line(process, log))
+        ready = _read_line(process, log)
+        assert ready.startswith("ready"), ready
+        yield Server(process, f"127.0.0.1:{ports['http_port']}", f"127.0.0.1:{ports['grpc_port']}", model_repo, log)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def live_server(server: Server) -> Iterator[Server]:
+    """The shared server, checked to be up after the test (no request may kill it)."""
+    server.assert_alive()
+    yield server
+    server.assert_alive()
+
+
+def _read_line(process: subprocess.Popen, log: Path) -> str:
+    assert process.stdout is not None
+    readable, _, _ = select.select([process.stdout], [], [], STARTUP_TIMEOUT_S)
+    line = process.stdout.readline() if readable else ""
+    if not line:
+        raise AssertionError(f"the server did not start:\n{log.read_text()[-4000:]}")
+    return line.strip()
+
+
+def triton_inputs(module: object, arrays: dict[str, np.ndarray], binary: bool = True) -> list:
+    """tritonclient InferInputs (http or grpc module) for named arrays."""
+    from recserve.serve.codec import DATATYPE_OF
+
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), DATATYPE_OF[array.dtype])  # type: ignore[attr-defined]
+        if module.__name__ == "tritonclient.http":  # type: ignore[attr-defined]
+            tensor.set_data_from_numpy(array, binary_data=binary)
+        else:
+            tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
