@@ -13,12 +13,14 @@ import logging
 import math
 import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from recserve.errors import InvalidInputError, RecserveError
 from recserve.serve.codec import DATATYPE_OF, InferRequest, check_datatype, check_shape, timeout_parameter
@@ -95,12 +97,31 @@ def encode_infer_response(name: str, request_id: str, outputs: dict[str, np.ndar
 Rpc = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
+@dataclass(frozen=True, slots=True)
+class _Undecodable:
+    error: str
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    """Decode a request, or keep the error for the handler: grpc.aio would answer UNKNOWN and log a traceback."""
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except DecodeError as error:
+            return _Undecodable(f"request is not a valid {message_type.DESCRIPTOR.name}: {error}")
+
+    return decode
+
+
 def _mapped_errors(rpc: Rpc) -> Rpc:
     """Abort with the status of a RecserveError (or INTERNAL for a bug); the server itself carries on."""
 
     @functools.wraps(rpc)
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, _Undecodable):
+                raise InvalidInputError(request.error)
             return await rpc(request, context)
         except Exception as error:
             raise_unless_recserve(error)
@@ -169,7 +190,7 @@ class InferenceService:
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             method: grpc.unary_unary_rpc_method_handler(
-                _mapped_errors(getattr(self, method)), request_deserializer=message.FromString,
+                _mapped_errors(getattr(self, method)), request_deserializer=_lenient(message),
                 response_serializer=lambda response: response.SerializeToString(),
             )
             for method, message in requests.items()
