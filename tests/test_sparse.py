@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -35,11 +36,13 @@ def test_docstring_example() -> None:
     [
         ({"t": ([1, 2], [0, 3])}, "offsets end at 3 but there are 2 keys"),
         ({"t": ([1, 2], [3, -1])}, "lengths must be >= 0, got -1"),
-        ({"t": ([1.0, 2.0], [1, 1])}, "table 't': keys must be int64, got torch.float32"),
+        ({"t": ([1.0, 2.0], [1, 1])}, "table 't': keys must be int64, got float64"),
         ({"t": ([1, 2], [1.5, 0.5])}, "lengths must be int64"),
         ({"t": ([1], [1]), "u": ([1, 2], [1, 1])}, "table 'u': has 2 items, other tables have 1"),
         ({"t": ([[1, 2]], [2])}, r"keys must be 1-D, got shape \(1, 2\)"),
         ({}, "at least one table"),
+        ({"t": (torch.tensor([1.0]), [1])}, "keys must be int64, got float32"),
+        ({"t": (np.array([2**63], dtype=np.uint64), [1])}, "beyond the int64 range"),
     ],
 )
 def test_bad_batches_name_the_table_and_problem(features: dict, message: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from recserve.errors import InvalidInputError
@@ -34,36 +35,38 @@ class SparseBatch:
     @classmethod
     def from_lengths(cls, features: Mapping[str, tuple[object, object]], *, name: str = "input") -> SparseBatch:
         """From {table: (keys, lengths)}: lengths[i] keys belong to item i."""
-        keys, offsets = {}, {}
-        for table, (table_keys, lengths) in features.items():
-            lengths_t = _int_tensor(lengths, f"{name}: table '{table}': lengths")
-            if lengths_t.dim() != 1:
-                raise InvalidInputError(
-                    f"{name}: table '{table}': lengths must be 1-D, got shape {tuple(lengths_t.shape)}"
-                )
-            if lengths_t.numel() and int(lengths_t.min()) < 0:
-                raise InvalidInputError(f"{name}: table '{table}': lengths must be >= 0, got {int(lengths_t.min())}")
-            table_offsets = torch.zeros(lengths_t.numel() + 1, dtype=torch.int64)
-            torch.cumsum(lengths_t, 0, out=table_offsets[1:])
-            keys[table], offsets[table] = table_keys, table_offsets
-        return cls.from_offsets({t: (keys[t], offsets[t]) for t in keys}, name=name)
+        offsets = {}
+        for table, (_, lengths) in features.items():
+            lengths_a = _int_array(lengths, f"{name}: table '{table}': lengths")
+            if lengths_a.ndim != 1:
+                raise InvalidInputError(f"{name}: table '{table}': lengths must be 1-D, got shape {lengths_a.shape}")
+            if lengths_a.size and int(lengths_a.min()) < 0:
+                raise InvalidInputError(f"{name}: table '{table}': lengths must be >= 0, got {int(lengths_a.min())}")
+            table_offsets = np.zeros(lengths_a.size + 1, dtype=np.int64)
+            np.cumsum(lengths_a, out=table_offsets[1:])
+            offsets[table] = table_offsets
+        return cls.from_offsets({t: (keys, offsets[t]) for t, (keys, _) in features.items()}, name=name)
 
     @classmethod
     def from_offsets(cls, features: Mapping[str, tuple[object, object]], *, name: str = "input") -> SparseBatch:
-        """From {table: (keys, offsets)}; validates every table and that all agree on the item count."""
+        """From {table: (keys, offsets)}; validates every table and that all agree on the item count.
+
+        Inputs are CPU tensors or numpy arrays (checked with numpy: a few microseconds per table, where torch's
+        per-op dispatch costs tens); the batch shares their memory where the dtype is already int64.
+        """
         if not features:
             raise InvalidInputError(f"{name}: a sparse batch needs at least one table")
         keys, offsets, num_items = {}, {}, None
         for table, (table_keys, table_offsets) in features.items():
             where = f"{name}: table '{table}'"
-            k = _int_tensor(table_keys, f"{where}: keys")
-            o = _int_tensor(table_offsets, f"{where}: offsets")
+            k = _int_array(table_keys, f"{where}: keys")
+            o = _int_array(table_offsets, f"{where}: offsets")
             _check_jagged(k, o, where)
             if num_items is None:
-                num_items = o.numel() - 1
-            elif o.numel() - 1 != num_items:
-                raise InvalidInputError(f"{where}: has {o.numel() - 1} items, other tables have {num_items}")
-            keys[table], offsets[table] = k, o
+                num_items = o.size - 1
+            elif o.size - 1 != num_items:
+                raise InvalidInputError(f"{where}: has {o.size - 1} items, other tables have {num_items}")
+            keys[table], offsets[table] = _tensor(k), _tensor(o)
         return cls(tables=tuple(features), keys=keys, offsets=offsets, num_items=int(num_items))
 
     @classmethod
@@ -116,27 +119,42 @@ class SparseBatch:
         )
 
 
-def _int_tensor(value: object, where: str) -> torch.Tensor:
-    """An int64 tensor; other integer types widen, floats and bools are refused."""
-    tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
-    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.dtype.is_complex:
-        raise InvalidInputError(f"{where} must be int64, got {tensor.dtype}")
-    return tensor.to(torch.int64) if tensor.dtype != torch.int64 else tensor
+def _int_array(value: object, where: str) -> np.ndarray:
+    """An int64 numpy array; other integer types widen, floats and bools are refused."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise InvalidInputError(f"{where} must be on the cpu to build a batch (move the batch after), "
+                                    f"got {value.device}")
+        value = value.detach().numpy()
+    array = np.asarray(value)
+    if array.dtype == np.int64:
+        return array
+    if array.dtype.kind not in "iu" and not (array.size == 0 and array.dtype.kind == "f"):
+        raise InvalidInputError(f"{where} must be int64, got {array.dtype}")
+    if array.dtype == np.uint64 and array.size and int(array.max()) > np.iinfo(np.int64).max:
+        raise InvalidInputError(f"{where}: values beyond the int64 range")
+    return array.astype(np.int64)
 
 
-def _check_jagged(keys: torch.Tensor, offsets: torch.Tensor, where: str) -> None:
-    if keys.dim() != 1:
-        raise InvalidInputError(f"{where}: keys must be 1-D, got shape {tuple(keys.shape)}")
-    if offsets.dim() != 1 or offsets.numel() == 0:
+def _tensor(array: np.ndarray) -> torch.Tensor:
+    if not array.flags.writeable or not array.flags.aligned:  # torch needs memory it may write and align
+        array = array.copy()
+    return torch.from_numpy(array)
+
+
+def _check_jagged(keys: np.ndarray, offsets: np.ndarray, where: str) -> None:
+    if keys.ndim != 1:
+        raise InvalidInputError(f"{where}: keys must be 1-D, got shape {keys.shape}")
+    if offsets.ndim != 1 or offsets.size == 0:
         raise InvalidInputError(
-            f"{where}: offsets must be 1-D with num_items + 1 entries, got shape {tuple(offsets.shape)}"
+            f"{where}: offsets must be 1-D with num_items + 1 entries, got shape {offsets.shape}"
         )
     if int(offsets[0]) != 0:
         raise InvalidInputError(f"{where}: offsets must start at 0, got {int(offsets[0])}")
-    if offsets.numel() > 1 and bool((offsets.diff() < 0).any()):
+    if offsets.size > 1 and bool((offsets[1:] < offsets[:-1]).any()):
         raise InvalidInputError(f"{where}: offsets must not decrease")
-    if int(offsets[-1]) != keys.numel():
+    if int(offsets[-1]) != keys.size:
         raise InvalidInputError(
-            f"{where}: offsets end at {int(offsets[-1])} but there are {keys.numel()} keys "
+            f"{where}: offsets end at {int(offsets[-1])} but there are {keys.size} keys "
             "(lengths must sum to the number of keys)"
         )

@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,12 +35,14 @@ from recserve.ps.remote import serve_lookups
 from recserve.ps.server import LookupCounts
 from recserve.ps.tiers import Tier
 from recserve.sched import policy
+from recserve.sched.mailbox import Mailbox
 from recserve.sched.policy import CostModel, QueryInfo, Route, SchedulePlan, SchedulerKnobs
-from recserve.sched.worker import CountsRequest, Ready, SubBatch, SubBatchDone, WorkerSetup, worker_main
+from recserve.sched.worker import CountsRequest, Ready, SubBatch, SubBatchDone, WorkerSetup, pack, worker_main
 from recserve.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
 
+DEFAULT_SHM_DIR = Path("/dev/shm")
 IDLE_POLL_S = 0.25  # an idle driver wakes this often to refresh its worker's lookup counters
 WORKER_START_TIMEOUT_S = 300.0  # a worker imports torch and attaches every table before it is ready
 
@@ -69,23 +72,26 @@ class _Query:
     compute_s: float = 0.0
     first_sent_s: float | None = None
 
-    def sub_batch(self, index: int, task_id: int, threads: int) -> SubBatch:
+    def arrays(self, index: int) -> dict[str, np.ndarray]:
         start, stop = self.plan.sub_batches[index]
         if (start, stop) == (0, self.info.num_items):
-            return SubBatch.of(task_id, threads, self.dense, self.sparse)
+            return pack(self.dense, self.sparse)
         dense = None if self.dense is None else self.dense[start:stop]
-        return SubBatch.of(task_id, threads, dense, self.sparse.slice(start, stop))
+        return pack(dense, self.sparse.slice(start, stop))
 
 
 class WorkerHandle:
     """One worker process seen from the serving process: its task pipe, and a thread serving its misses."""
 
-    def __init__(self, setup: WorkerSetup, route: Route, persistent: Tier | None, name: str) -> None:
+    def __init__(self, setup: WorkerSetup, route: Route, persistent: Tier | None, name: str,
+                 shm_dir: Path = DEFAULT_SHM_DIR) -> None:
         context = multiprocessing.get_context("spawn")  # fork would copy torch's and numba's threads mid-flight
         self.route = route
         self.retiring = False
         self.counts: dict[str, LookupCounts] = {}
         self.counts_stale = False
+        self._mailbox = Mailbox(shm_dir)
+        self._stop_lock, self._stopped = threading.Lock(), False
         self._tasks, child_tasks = context.Pipe()
         child_lookups = None
         if persistent is not None:
@@ -111,9 +117,9 @@ class WorkerHandle:
             self.stop()
             raise ServerError(f"worker {self.process.name} could not start: {ready.error}")
 
-    def run(self, task: SubBatch) -> SubBatchDone:
+    def run(self, task_id: int, threads: int, arrays: dict[str, np.ndarray]) -> SubBatchDone:
         try:
-            self._tasks.send(task)
+            self._tasks.send(SubBatch(task_id, threads, self._mailbox.put(arrays)))
             done: SubBatchDone = self._tasks.recv()
         except (EOFError, OSError) as error:
             raise ServerError(f"worker {self.process.name} died (exit code {self.process.exitcode}): "
@@ -132,6 +138,11 @@ class WorkerHandle:
             pass  # a dead worker is noticed, and replaced, on its next sub-batch
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the worker to exit, then make sure it has; safe to call twice (close and a retiring driver)."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         with contextlib.suppress(OSError):
             self._tasks.send(None)
         self.process.join(timeout_s)
@@ -139,6 +150,7 @@ class WorkerHandle:
             self.process.kill()
             self.process.join()
         self._tasks.close()
+        self._mailbox.close()
 
 
 class Executor:
@@ -322,9 +334,8 @@ class Executor:
                     worker.refresh_counts()
                 continue
             query, index = picked
-            task = query.sub_batch(index, next(self._sequence), self._knobs.threads_per_worker)
             try:
-                done = worker.run(task)
+                done = worker.run(next(self._sequence), self._knobs.threads_per_worker, query.arrays(index))
             except ServerError as error:
                 self._fail(query, error)
                 replacement = self._replace(worker)

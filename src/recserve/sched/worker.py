@@ -6,7 +6,8 @@ is attached from shared memory (one copy for every worker), and its misses are r
 process, which owns the persistent store (`ps/remote.py`). A worker loads only its model's dense weights.
 
 The protocol on the task pipe: the worker first sends `Ready` (or `Ready(error=...)` and exits); then for each
-`SubBatch` it answers one `SubBatchDone`; `CountsRequest` asks for its lookup counters; `None` stops it.
+`SubBatch` (its arrays in the worker's mailbox, `mailbox.py`) it answers one `SubBatchDone`; `CountsRequest`
+asks for its lookup counters; `None` stops it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from recserve.errors import InvalidInputError, RecserveError
 from recserve.models.specs import ModelSpec
 from recserve.ps.dram import DramTableHandle
 from recserve.ps.server import LookupCounts
+from recserve.sched.mailbox import Letter, MailboxReader
 from recserve.sparse import SparseBatch
 
 WARM_UP_ITEMS = 64
@@ -50,30 +52,31 @@ class Ready:
 
 @dataclass(frozen=True, slots=True)
 class SubBatch:
-    """Items [start, stop) of one query, as plain arrays (pickled by value: no tensor sharing tricks)."""
+    """Items [start, stop) of one query: its arrays wait in the worker's mailbox (`pack` says which)."""
 
     task_id: int
     threads: int  # k, applied before running: the knob moves without a message of its own
-    dense: np.ndarray | None  # [items, dense_features] float32, None for models without dense features
-    keys: dict[str, np.ndarray]
-    offsets: dict[str, np.ndarray]
+    letter: Letter
 
-    @classmethod
-    def of(cls, task_id: int, threads: int, dense: np.ndarray | None, sparse: SparseBatch) -> SubBatch:
-        return cls(
-            task_id, threads, dense,
-            keys={t: sparse.keys[t].numpy() for t in sparse.tables},
-            offsets={t: sparse.offsets[t].numpy() for t in sparse.tables},
-        )
 
-    def sparse(self) -> SparseBatch:
-        num_items = len(next(iter(self.offsets.values()))) - 1 if self.offsets else 0
-        return SparseBatch(
-            tables=tuple(self.keys),
-            keys={t: torch.from_numpy(k) for t, k in self.keys.items()},
-            offsets={t: torch.from_numpy(o) for t, o in self.offsets.items()},
-            num_items=num_items,
-        )
+def pack(dense: np.ndarray | None, sparse: SparseBatch) -> dict[str, np.ndarray]:
+    """A query's arrays by name, for the mailbox: dense, keys/<table>, offsets/<table>."""
+    arrays = {} if dense is None else {"dense": dense}
+    for table in sparse.tables:
+        arrays[f"keys/{table}"] = sparse.keys[table].numpy()
+        arrays[f"offsets/{table}"] = sparse.offsets[table].numpy()
+    return arrays
+
+
+def unpack(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor | None, SparseBatch]:
+    dense = torch.from_numpy(arrays["dense"]) if "dense" in arrays else None
+    tables = tuple(name.split("/", 1)[1] for name in arrays if name.startswith("keys/"))
+    offsets = {t: torch.from_numpy(arrays[f"offsets/{t}"]) for t in tables}
+    sparse = SparseBatch(
+        tables=tables, keys={t: torch.from_numpy(arrays[f"keys/{t}"]) for t in tables}, offsets=offsets,
+        num_items=len(next(iter(offsets.values()))) - 1 if offsets else 0,
+    )
+    return dense, sparse
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +106,7 @@ def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | Non
     _warm_up(model, setup)
     ps.reset_counts()  # the warm-up's lookups are not traffic
     tasks.send(Ready())
+    mailbox = MailboxReader()
     counts_sent_at = 0.0
     with torch.inference_mode():
         while True:
@@ -115,7 +119,11 @@ def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | Non
             if isinstance(message, CountsRequest):
                 tasks.send(ps.counts())
                 continue
-            done = _run(model, message, setup.device)
+            if torch.get_num_threads() != message.threads:
+                torch.set_num_threads(message.threads)
+            dense, sparse = unpack(mailbox.read(message.letter))
+            done = _run(model, message.task_id, dense, sparse, setup.device)
+            del dense, sparse  # views into the mailbox: gone before the next letter may remap it
             if time.monotonic() - counts_sent_at >= COUNTS_EVERY_S:
                 done = SubBatchDone(done.task_id, done.scores, done.compute_s, done.error, done.invalid_input,
                                     counts=ps.counts())
@@ -151,26 +159,24 @@ def _warm_up(model: torch.nn.Module, setup: WorkerSetup) -> None:
             t.name: (np.zeros(items * t.keys_per_item, dtype=np.int64), np.full(items, t.keys_per_item))
             for t in spec.tables
         }
-        dense = np.zeros((items, spec.dense_features), dtype=np.float32) if spec.dense_features else None
-        task = SubBatch.of(0, torch.get_num_threads(), dense, SparseBatch.from_lengths(features))
+        dense = torch.zeros(items, spec.dense_features) if spec.dense_features else None
+        sparse = SparseBatch.from_lengths(features)
         for _ in range(2):
-            done = _run(model, task, setup.device)
+            done = _run(model, 0, dense, sparse, setup.device)
             if done.error:
                 raise RuntimeError(f"warm-up query failed: {done.error}")
 
 
-def _run(model: torch.nn.Module, task: SubBatch, device: str) -> SubBatchDone:
-    if torch.get_num_threads() != task.threads:
-        torch.set_num_threads(task.threads)
+def _run(model: torch.nn.Module, task_id: int, dense: torch.Tensor | None, sparse: SparseBatch,
+         device: str) -> SubBatchDone:
     started = time.perf_counter()
     try:
-        dense = None if task.dense is None else torch.from_numpy(task.dense)
-        scores = model(dense, task.sparse().to(device) if device != "cpu" else task.sparse())
+        scores = model(dense, sparse.to(device) if device != "cpu" else sparse)
         result = scores.detach().to("cpu", torch.float32).numpy()
     except InvalidInputError as error:
-        return SubBatchDone(task.task_id, None, error=str(error), invalid_input=True)
+        return SubBatchDone(task_id, None, error=str(error), invalid_input=True)
     except RecserveError as error:  # a tier failed (e.g. the persistent store is unreachable)
-        return SubBatchDone(task.task_id, None, error=str(error))
+        return SubBatchDone(task_id, None, error=str(error))
     except Exception as error:  # a bug: reported, and the worker lives on for the next sub-batch
-        return SubBatchDone(task.task_id, None, error=f"{type(error).__name__}: {error}")
-    return SubBatchDone(task.task_id, result, compute_s=time.perf_counter() - started)
+        return SubBatchDone(task_id, None, error=f"{type(error).__name__}: {error}")
+    return SubBatchDone(task_id, result, compute_s=time.perf_counter() - started)

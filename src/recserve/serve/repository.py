@@ -86,11 +86,11 @@ class ModelSignature:
             short = short_name(self.spec, table.name)
             keys, lengths = inputs[f"{short}_keys"], inputs[f"{short}_lengths"]
             self._check_items(lengths.shape[0], f"{short}_lengths")
-            features[table.name] = (_owned(keys), _owned(lengths))
+            features[table.name] = (keys, lengths)
         sparse = SparseBatch.from_lengths(features, name=f"model '{self.spec.name}'")
         dense = None
         if self.spec.dense_features:
-            dense = _owned(inputs["dense"])
+            dense = inputs["dense"]
             if dense.shape[0] != sparse.num_items:
                 raise InvalidInputError(
                     f"input 'dense' has {dense.shape[0]} items, the lengths inputs have {sparse.num_items}"
@@ -123,11 +123,6 @@ def _check_tensor(tensor: np.ndarray, spec: TensorSpec) -> None:
     ):
         wanted = ["N" if d == -1 else d for d in spec.shape]
         raise InvalidInputError(f"input '{spec.name}': shape must be {wanted}, got {list(tensor.shape)}")
-
-
-def _owned(array: np.ndarray) -> np.ndarray:
-    """A writable, aligned, contiguous copy where the wire gave a read-only or unaligned view (binary data)."""
-    return np.require(array, requirements=["C", "A", "W"])
 
 
 @dataclass

@@ -1,0 +1,208 @@
+"""Served vs in-process: RMC1 through `recserve serve` with tritonclient (gRPC, HTTP binary), and 1-item latency.
+
+    python benchmarks/bench_serve.py            # 400 queries of 256 items per mode
+    python benchmarks/bench_serve.py --quick    # 60
+
+RMC1 `tiny` (the full structure: 8 tables x 80 lookups per item, the paper's MLPs; 1,000-row tables, all in
+the DRAM tier). In-process: the same model and weights called in a closed loop in this process with every
+core. Served: `recserve serve` in its own process (W workers x k threads, B items per sub-batch, from the
+flags), driven in a closed loop by `--clients` tritonclient clients, each with one query in flight. Client and
+server share the machine's cores, as a sidecar client would. The last line is one JSON object:
+`grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s), `p50_1item_ms` (gRPC, one
+client, 1-item queries: the server's own overhead), and the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+
+from recserve.config import DramTierConfig, PSConfig, RocksTierConfig
+from recserve.models import table_configs
+from recserve.models.checkpoint import checkpoint_spec, load_checkpoint
+from recserve.models.synthetic import Query, QueryGenerator
+from recserve.ps.server import HierarchicalPS
+from recserve.serve.codec import DATATYPE_OF
+from recserve.serve.repository import short_name, write_model_folder
+
+ITEMS = 256
+
+
+def v2_arrays(spec: object, query: Query) -> dict[str, np.ndarray]:
+    arrays = {}
+    for table in spec.tables:  # type: ignore[attr-defined]
+        short = short_name(spec, table.name)  # type: ignore[arg-type]
+        arrays[f"{short}_keys"] = query.sparse.keys[table.name].numpy()
+        arrays[f"{short}_lengths"] = query.sparse.lengths(table.name).numpy()
+    arrays["dense"] = query.dense.numpy()
+    return arrays
+
+
+def triton_inputs(module: object, arrays: dict[str, np.ndarray]) -> list:
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), DATATYPE_OF[array.dtype])  # type: ignore[attr-defined]
+        if module is triton_http:
+            tensor.set_data_from_numpy(array, binary_data=True)
+        else:
+            tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def summary(latencies: list[float], items: int, wall_s: float) -> dict[str, float]:
+    p50, p99 = np.percentile(np.asarray(latencies) * 1e3, [50, 99])
+    return {"items_per_s": round(items / wall_s, 1), "p50_ms": round(float(p50), 3), "p99_ms": round(float(p99), 3),
+            "queries": len(latencies)}
+
+
+def in_process(folder: Path, queries: list[Query]) -> dict[str, float]:
+    spec = checkpoint_spec(folder)
+    config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=8),
+                      rocksdb=RocksTierConfig(enabled=False))
+    torch.set_num_threads(os.cpu_count() or 1)
+    with HierarchicalPS.from_config(config) as ps, torch.inference_mode():
+        model = load_checkpoint(folder, ps)
+        for q in queries[:5]:
+            model(q.dense, q.sparse)
+        latencies = []
+        started = time.perf_counter()
+        for q in queries:
+            t = time.perf_counter()
+            model(q.dense, q.sparse)
+            latencies.append(time.perf_counter() - t)
+        wall = time.perf_counter() - started
+    return summary(latencies, sum(q.sparse.num_items for q in queries), wall)
+
+
+def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int, clients: int,
+                items: int) -> dict[str, float]:
+    """`clients` threads, each with its own client and one query in flight, until num_queries are answered.
+
+    Each thread makes its own client: tritonclient's HTTP client is not to be shared between threads."""
+    latencies: list[float] = []
+    counter = iter(range(num_queries))
+    lock = threading.Lock()
+    ready = threading.Barrier(clients + 1)
+
+    def run() -> None:
+        call = make_call()
+        call(0)  # connect and warm up
+        ready.wait()
+        while True:
+            with lock:
+                index = next(counter, None)
+            if index is None:
+                return
+            t = time.perf_counter()
+            call(index)
+            elapsed = time.perf_counter() - t
+            with lock:
+                latencies.append(elapsed)
+
+    threads = [threading.Thread(target=run) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return summary(latencies, items * num_queries, time.perf_counter() - started)
+
+
+def start_server(repo: Path) -> tuple[subprocess.Popen, str, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "recserve.cli", "serve", "--repo", str(repo), "--http-port", "0", "--grpc-port", "0"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout is not None
+    ports = json.loads(process.stdout.readline())
+    ready = process.stdout.readline()
+    if not ready.startswith("ready"):
+        raise SystemExit(f"server did not start: {ready!r}")
+    return process, f"127.0.0.1:{ports['http_port']}", f"127.0.0.1:{ports['grpc_port']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--queries", type=int, default=None, help="queries of 256 items per mode")
+    parser.add_argument("--clients", type=int, default=2, help="closed-loop clients, one query in flight each")
+    parser.add_argument("--workers", type=int, default=2, help="W")
+    parser.add_argument("--threads", type=int, default=1, help="k")
+    parser.add_argument("--batch-size", type=int, default=256, help="B")
+    args = parser.parse_args()
+    num_queries = args.queries or (60 if args.quick else 400)
+
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
+        repo = Path(tmp)
+        serving = {"scheduler": {"batch_size": args.batch_size, "num_workers": args.workers,
+                                 "threads_per_worker": args.threads, "latency_target_ms": 60_000,
+                                 "max_queue": 1024}, "dram": {"num_partitions": 8}}
+        write_model_folder(repo / "rmc1", "rmc1", "tiny", seed=0, serving=serving)
+        spec = checkpoint_spec(repo / "rmc1")
+        generator = QueryGenerator(spec, seed=1)
+        pool = [generator.query(ITEMS) for _ in range(16)]
+        queries = [pool[i % len(pool)] for i in range(num_queries)]
+        one_item = [generator.query(1) for _ in range(16)]
+
+        local = in_process(repo / "rmc1", queries)
+        print(f"in-process      {local}", flush=True)
+
+        process, http_address, grpc_address = start_server(repo)
+        try:
+            def grpc_call(pool_: list[Query]) -> Callable[[], Callable[[int], None]]:
+                def make() -> Callable[[int], None]:
+                    client = triton_grpc.InferenceServerClient(grpc_address)
+                    prepared = [triton_inputs(triton_grpc, v2_arrays(spec, q)) for q in pool_]
+                    return lambda i: client.infer("rmc1", prepared[i % len(prepared)])
+                return make
+
+            def http_call(pool_: list[Query]) -> Callable[[], Callable[[int], None]]:
+                def make() -> Callable[[int], None]:
+                    client = triton_http.InferenceServerClient(http_address, network_timeout=600)
+                    prepared = [triton_inputs(triton_http, v2_arrays(spec, q)) for q in pool_]
+                    outputs = [triton_http.InferRequestedOutput("scores", binary_data=True)]
+                    return lambda i: client.infer("rmc1", prepared[i % len(prepared)], outputs=outputs)
+                return make
+
+            served_grpc = closed_loop(grpc_call(pool), num_queries, args.clients, ITEMS)
+            print(f"served gRPC     {served_grpc}", flush=True)
+            served_http = closed_loop(http_call(pool), num_queries, args.clients, ITEMS)
+            print(f"served HTTP     {served_http}", flush=True)
+            single = max(200, num_queries)
+            one_grpc = closed_loop(grpc_call(one_item), single, 1, 1)
+            print(f"1-item gRPC     {one_grpc}", flush=True)
+            one_http = closed_loop(http_call(one_item), single, 1, 1)
+            print(f"1-item HTTP     {one_http}", flush=True)
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
+
+    print(json.dumps({
+        "grpc_vs_inprocess": round(served_grpc["items_per_s"] / local["items_per_s"], 3),
+        "http_vs_inprocess": round(served_http["items_per_s"] / local["items_per_s"], 3),
+        "p50_1item_ms": one_grpc["p50_ms"],
+        "p50_1item_http_ms": one_http["p50_ms"],
+        "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_1item": one_grpc, "http_1item": one_http,
+        "config": {"items_per_query": ITEMS, "workers": args.workers, "threads_per_worker": args.threads,
+                   "batch_size": args.batch_size, "clients": args.clients, "cores": os.cpu_count()},
+    }))
+
+
+if __name__ == "__main__":
+    main()
