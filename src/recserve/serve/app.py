@@ -48,7 +48,7 @@ async def serve(options: ServeOptions) -> None:
     grpc_server = build_server(server, options.max_body_bytes)
     grpc_host = f"[{options.host}]" if ":" in options.host else options.host
     grpc_port = grpc_server.add_insecure_port(f"{grpc_host}:{options.grpc_port}")
-    await grpc_server.start()
+    grpc_server.start()
     http_port = runner.addresses[0][1]
     print(json.dumps({"host": options.host, "http_port": http_port, "grpc_port": grpc_port}), flush=True)
     stop = asyncio.Event()
@@ -64,7 +64,7 @@ async def serve(options: ServeOptions) -> None:
             print(f"ready: serving {', '.join(sorted(server.models))}", flush=True)
             await stopping
     finally:
-        await grpc_server.stop(grace=1.0)
+        await asyncio.to_thread(lambda: grpc_server.stop(grace=1.0).wait())
         await runner.cleanup()
         with contextlib.suppress(Exception):
             await asyncio.to_thread(server.close)

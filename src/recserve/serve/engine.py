@@ -8,9 +8,11 @@ one table, `STATUS`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from recserve.errors import (
     RecserveError,
     TierUnavailableError,
 )
-from recserve.sched.executor import QueryResult
+from recserve.sched.executor import QueryResult, ServerError
 from recserve.serve.codec import InferRequest
 from recserve.serve.metrics import Metrics
 from recserve.serve.repository import ServedModel, load_model, model_folders
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 SERVER_NAME = "recserve"
 MODEL_VERSION = "1"
+RESULT_GRACE_S = 30.0  # a query is answered or shed by its deadline; waiting longer means a worker hung
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository"]
 
 # error class -> (HTTP status, gRPC code, outcome label); the first match in order wins
@@ -113,30 +116,64 @@ class InferenceServer:
 
     # --- inference ---
 
+    def submit(self, name: str, version: str, request: InferRequest, timeout_s: float | None
+               ) -> concurrent.futures.Future[QueryResult]:
+        """Check the request against the model and admit it (or raise); the Future resolves to its result."""
+        model = self.model(name, version)
+        unknown = [o for o in request.outputs if o not in {t.name for t in model.signature.outputs}]
+        if unknown:
+            raise InvalidInputError(f"model '{name}' has no outputs {unknown} (it has: scores)")
+        dense, sparse = model.signature.decode(request.inputs)
+        return model.executor.submit(dense, sparse, timeout_s)
+
     async def infer(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
                     protocol: str) -> dict[str, np.ndarray]:
-        """Scores of one request; raises a RecserveError (mapped by `status_of`) on anything wrong."""
+        """Scores of one request, for a front end on the event loop; raises a RecserveError on anything wrong."""
         started = time.perf_counter()
-        model_label = name if name in self.models else "_unknown"
         try:
-            model = self.model(name, version)
-            unknown = [o for o in request.outputs if o not in {t.name for t in model.signature.outputs}]
-            if unknown:
-                raise InvalidInputError(f"model '{name}' has no outputs {unknown} (it has: scores)")
-            dense, sparse = model.signature.decode(request.inputs)
-            future = model.executor.submit(dense, sparse, timeout_s)
-            result: QueryResult = await asyncio.wrap_future(future)
+            result = await asyncio.wrap_future(self.submit(name, version, request, timeout_s))
         except asyncio.CancelledError:
-            self.metrics.request(model_label, protocol, "cancelled")
+            self._account(name, protocol, started, outcome="cancelled")
             raise
         except Exception as error:
-            self._record_failure(model_label, time.perf_counter() - started)
-            self.metrics.request(model_label, protocol, status_of(error)[2])
+            self._account(name, protocol, started, error=error)
             raise
-        self._record_success(name, result)
-        self.metrics.request(name, protocol, "ok")
-        self.metrics.observe(name, result)
+        self._account(name, protocol, started, result=result)
         return {"scores": result.scores}
+
+    def infer_blocking(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
+                       protocol: str, on_abandon: Callable[[Callable[[], object]], object]) -> dict[str, np.ndarray]:
+        """As `infer`, for a front end with a thread per request; `on_abandon` registers what to call if the
+        client goes away (the query is then dropped from the queue)."""
+        started = time.perf_counter()
+        try:
+            future = self.submit(name, version, request, timeout_s)
+            on_abandon(future.cancel)
+            wait_s = (timeout_s or self.models[name].executor.latency_target_s) + RESULT_GRACE_S
+            try:
+                result = future.result(wait_s)
+            except concurrent.futures.TimeoutError:
+                raise ServerError(f"model '{name}': no answer {wait_s:.0f} s after the deadline") from None
+        except concurrent.futures.CancelledError:
+            self._account(name, protocol, started, outcome="cancelled")
+            raise
+        except Exception as error:
+            self._account(name, protocol, started, error=error)
+            raise
+        self._account(name, protocol, started, result=result)
+        return {"scores": result.scores}
+
+    def _account(self, name: str, protocol: str, started: float, result: QueryResult | None = None,
+                 error: BaseException | None = None, outcome: str | None = None) -> None:
+        label = name if name in self.models else "_unknown"
+        if result is not None:
+            self._record_success(name, result)
+            self.metrics.observe(name, result)
+            outcome = "ok"
+        elif error is not None:
+            self._record_failure(label, time.perf_counter() - started)
+            outcome = status_of(error)[2]
+        self.metrics.request(label, protocol, outcome or "error")
 
     def _record_success(self, name: str, result: QueryResult) -> None:
         with self._lock:

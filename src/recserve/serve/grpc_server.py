@@ -1,4 +1,7 @@
-"""The KServe v2 gRPC front end: `inference.GRPCInferenceService` on grpc.aio.
+"""The KServe v2 gRPC front end: `inference.GRPCInferenceService` on grpcio's thread-pool server.
+
+The thread-pool server, not grpc.aio: a 1.4 MB request took 4.6 ms to arrive through grpc.aio and 1.6 ms through
+the thread-pool server on the same machine (a handler thread only waits on the query's Future meanwhile).
 
 The messages come from our own kserve_v2.proto, compiled when this module loads (grpc.protos; no generated
 code in the tree). The service is registered by its spec name with generic handlers, so Triton's and KServe's
@@ -8,11 +11,12 @@ what was wrong; a malformed message never reaches our code (grpc refuses it whil
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import logging
 import math
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,7 @@ from recserve.serve.protocol import model_config_json, model_metadata_json, serv
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
+NO_DEADLINE_S = 1e6
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # grpc.protos resolves the path from sys.path
 if _PACKAGE_ROOT not in sys.path:
     sys.path.append(_PACKAGE_ROOT)
@@ -94,7 +99,7 @@ def encode_infer_response(name: str, request_id: str, outputs: dict[str, np.ndar
     return response
 
 
-Rpc = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Rpc = Callable[[Any, grpc.ServicerContext], Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,16 +123,16 @@ def _mapped_errors(rpc: Rpc) -> Rpc:
     """Abort with the status of a RecserveError (or INTERNAL for a bug); the server itself carries on."""
 
     @functools.wraps(rpc)
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def call(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             if isinstance(request, _Undecodable):
                 raise InvalidInputError(request.error)
-            return await rpc(request, context)
+            return rpc(request, context)
         except Exception as error:
             raise_unless_recserve(error)
             code = status_of(error)[1]
             message = str(error) if isinstance(error, RecserveError) else f"internal error: {type(error).__name__}"
-        await context.abort(code, message)
+        context.abort(code, message)
 
     return call
 
@@ -136,33 +141,33 @@ class InferenceService:
     def __init__(self, server: InferenceServer) -> None:
         self.server = server
 
-    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ServerReadyResponse(ready=self.server.ready)
 
-    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         return pb.ModelReadyResponse(ready=self.server.model_ready(request.name, request.version))
 
-    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return json_format.ParseDict(server_metadata(), pb.ServerMetadataResponse())
 
-    async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self.server.model(request.name, request.version)
         return json_format.ParseDict(model_metadata_json(model), pb.ModelMetadataResponse())
 
-    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self.server.model(request.name, request.version)
         return pb.ModelConfigResponse(config=json_format.ParseDict(model_config_json(model), pb.ModelConfig()))
 
-    async def ModelStatistics(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ModelStatistics(self, request: Any, context: grpc.ServicerContext) -> Any:
         names = [self.server.model(request.name, request.version).name] if request.name else sorted(
             self.server.models)
         stats = [statistics_json(n, self.server.statistics[n]) for n in names]
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
-    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
         response = pb.RepositoryIndexResponse()
         for name in sorted(self.server.models):
             ready = self.server.model_ready(name)
@@ -170,14 +175,14 @@ class InferenceService:
                 response.models.add(name=name, version=MODEL_VERSION, state="READY" if ready else "UNAVAILABLE")
         return response
 
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         infer_request = decode_infer_request(request)
         timeout_s = timeout_parameter(infer_request.parameters)
-        remaining = context.time_remaining()  # the client's deadline, if it set one
-        if remaining is not None:
+        remaining = context.time_remaining()  # the client's deadline; "forever" (~1e8 s) when it set none
+        if remaining is not None and remaining < NO_DEADLINE_S:
             timeout_s = remaining if timeout_s is None else min(timeout_s, remaining)
-        outputs = await self.server.infer(request.model_name, request.model_version, infer_request, timeout_s,
-                                          "grpc")
+        outputs = self.server.infer_blocking(request.model_name, request.model_version, infer_request, timeout_s,
+                                             "grpc", context.add_callback)
         return encode_infer_response(request.model_name, request.id, outputs)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -197,10 +202,16 @@ class InferenceService:
         })
 
 
-def build_server(server: InferenceServer, max_message_bytes: int) -> grpc.aio.Server:
-    grpc_server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-    ])
+def build_server(server: InferenceServer, max_message_bytes: int, threads: int = 64,
+                 max_concurrent_rpcs: int = 4096) -> grpc.Server:
+    """Requests beyond `max_concurrent_rpcs` in progress get RESOURCE_EXHAUSTED from grpc at once."""
+    grpc_server = grpc.server(
+        concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ],
+    )
     grpc_server.add_generic_rpc_handlers((InferenceService(server).handler(),))
     return grpc_server
