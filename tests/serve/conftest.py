@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
 
 from recserve.models.specs import MODEL_NAMES
 from recserve.serve.repository import write_model_folder
@@ -73,6 +75,20 @@ def live_server(server: Server) -> Iterator[Server]:
     server.assert_alive()
     yield server
     server.assert_alive()
+
+
+@pytest.fixture(scope="session")
+def http(server: Server) -> Iterator[triton_http.InferenceServerClient]:
+    client = triton_http.InferenceServerClient(server.http, network_timeout=120)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def grpc_client(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
+    client = triton_grpc.InferenceServerClient(server.grpc)
+    yield client
+    client.close()
 
 
 def _read_line(process: subprocess.Popen, log: Path) -> str:

@@ -40,20 +40,6 @@ def good(server: Server) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return v2_inputs(SPEC, None, query.sparse), expected
 
 
-@pytest.fixture(scope="module")
-def http(server: Server) -> Iterator[triton_http.InferenceServerClient]:
-    client = triton_http.InferenceServerClient(server.http, network_timeout=120)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def grpc_client(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
-    client = triton_grpc.InferenceServerClient(server.grpc)
-    yield client
-    client.close()
-
-
 @pytest.fixture
 def then_good_request(live_server: Server, good: tuple, http: triton_http.InferenceServerClient,
                       grpc_client: triton_grpc.InferenceServerClient) -> Iterator[None]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,21 +19,6 @@ from recserve.models.synthetic import QueryGenerator
 from tests.conftest import reference_model, v2_inputs
 from tests.serve.conftest import Server, triton_inputs
 
-
-@pytest.fixture(scope="module")
-def http(server: Server) -> Iterator[triton_http.InferenceServerClient]:
-    client = triton_http.InferenceServerClient(server.http, network_timeout=120)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="module")
-def grpc(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
-    client = triton_grpc.InferenceServerClient(server.grpc)
-    yield client
-    client.close()
-
-
 _REFERENCES: dict[str, tuple] = {}
 
 
@@ -47,19 +31,19 @@ def expected_scores(repo: Path, name: str, query: object) -> np.ndarray:
 
 
 def test_health_metadata_and_config(live_server: Server, http: triton_http.InferenceServerClient,
-                                    grpc: triton_grpc.InferenceServerClient) -> None:
-    for client in (http, grpc):
+                                    grpc_client: triton_grpc.InferenceServerClient) -> None:
+    for client in (http, grpc_client):
         assert client.is_server_live() and client.is_server_ready()
         assert all(client.is_model_ready(name) for name in MODEL_NAMES)
         assert not client.is_model_ready("nope")
     assert http.get_server_metadata()["name"] == "recserve"
-    assert "binary_tensor_data" in grpc.get_server_metadata().extensions
+    assert "binary_tensor_data" in grpc_client.get_server_metadata().extensions
     meta = http.get_model_metadata("rmc1")
     assert [i["name"] for i in meta["inputs"]][:2] == ["t0_keys", "t0_lengths"]
     assert meta["outputs"] == [{"name": "scores", "datatype": "FP32", "shape": [-1, 1]}]
-    grpc_meta = grpc.get_model_metadata("mtwnd")
+    grpc_meta = grpc_client.get_model_metadata("mtwnd")
     assert grpc_meta.outputs[0].shape == [-1, 3] and grpc_meta.inputs[-1].name == "dense"
-    config = grpc.get_model_config("din").config
+    config = grpc_client.get_model_config("din").config
     assert config.name == "din" and len(config.input) == 2 * 253
     assert http.get_model_config("rmc1")["input"][0] == {"name": "t0_keys", "data_type": "TYPE_INT64", "dims": [-1]}
     index = http.get_model_repository_index()
@@ -69,13 +53,13 @@ def test_health_metadata_and_config(live_server: Server, http: triton_http.Infer
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_served_scores_equal_in_process_scores(name: str, live_server: Server,
                                                http: triton_http.InferenceServerClient,
-                                               grpc: triton_grpc.InferenceServerClient) -> None:
+                                               grpc_client: triton_grpc.InferenceServerClient) -> None:
     """20 items (two sub-batches of B=16) through gRPC, HTTP binary and HTTP JSON: the in-process scores."""
     spec_query = QueryGenerator(_spec(name), seed=21).query(20)
     arrays = v2_inputs(_spec(name), spec_query.dense.numpy(), spec_query.sparse)
     expected = expected_scores(live_server.repo, name, spec_query)
     answers = {
-        "grpc": grpc.infer(name, triton_inputs(triton_grpc, arrays)),
+        "grpc": grpc_client.infer(name, triton_inputs(triton_grpc, arrays)),
         "http-binary": http.infer(name, triton_inputs(triton_http, arrays, binary=True),
                                   outputs=[triton_http.InferRequestedOutput("scores", binary_data=True)]),
         "http-json": http.infer(name, triton_inputs(triton_http, arrays, binary=False),
@@ -88,9 +72,9 @@ def test_served_scores_equal_in_process_scores(name: str, live_server: Server,
 
 
 def test_metrics_report_requests_latency_tiers_and_knobs(live_server: Server,
-                                                         grpc: triton_grpc.InferenceServerClient) -> None:
+                                                         grpc_client: triton_grpc.InferenceServerClient) -> None:
     query = QueryGenerator(_spec("rmc1"), seed=22).query(5)
-    grpc.infer("rmc1", triton_inputs(triton_grpc, v2_inputs(_spec("rmc1"), query.dense.numpy(), query.sparse)))
+    grpc_client.infer("rmc1", triton_inputs(triton_grpc, v2_inputs(_spec("rmc1"), query.dense.numpy(), query.sparse)))
     deadline = time.monotonic() + 10
     while True:  # workers report lookup counters with results or when idle (within a second)
         samples = scrape(live_server)
@@ -111,11 +95,11 @@ def test_metrics_report_requests_latency_tiers_and_knobs(live_server: Server,
 
 
 def test_statistics_count_items_and_executions(live_server: Server, http: triton_http.InferenceServerClient,
-                                               grpc: triton_grpc.InferenceServerClient) -> None:
+                                               grpc_client: triton_grpc.InferenceServerClient) -> None:
     before = http.get_inference_statistics("ncf")["model_stats"][0]
     query = QueryGenerator(_spec("ncf"), seed=23).query(40)  # 3 sub-batches of 16
-    grpc.infer("ncf", triton_inputs(triton_grpc, v2_inputs(_spec("ncf"), None, query.sparse)))
-    after = grpc.get_inference_statistics("ncf").model_stats[0]
+    grpc_client.infer("ncf", triton_inputs(triton_grpc, v2_inputs(_spec("ncf"), None, query.sparse)))
+    after = grpc_client.get_inference_statistics("ncf").model_stats[0]
     assert after.inference_count - int(before.get("inference_count", 0)) == 40
     assert after.execution_count - int(before.get("execution_count", 0)) == 3
     assert after.inference_stats.success.count >= 1 and after.inference_stats.success.ns > 0

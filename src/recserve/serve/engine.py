@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,6 +68,11 @@ class ModelStatistics:
     fail: list[int] = field(default_factory=lambda: [0, 0])
     queue: list[int] = field(default_factory=lambda: [0, 0])
     compute: list[int] = field(default_factory=lambda: [0, 0])
+
+
+@dataclass
+class _Outcome:
+    result: QueryResult | None = None
 
 
 class InferenceServer:
@@ -129,51 +135,43 @@ class InferenceServer:
     async def infer(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
                     protocol: str) -> dict[str, np.ndarray]:
         """Scores of one request, for a front end on the event loop; raises a RecserveError on anything wrong."""
-        started = time.perf_counter()
-        try:
-            result = await asyncio.wrap_future(self.submit(name, version, request, timeout_s))
-        except asyncio.CancelledError:
-            self._account(name, protocol, started, outcome="cancelled")
-            raise
-        except Exception as error:
-            self._account(name, protocol, started, error=error)
-            raise
-        self._account(name, protocol, started, result=result)
-        return {"scores": result.scores}
+        with self._accounted(name, protocol) as outcome:
+            outcome.result = await asyncio.wrap_future(self.submit(name, version, request, timeout_s))
+        return {"scores": outcome.result.scores}
 
     def infer_blocking(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
                        protocol: str, on_abandon: Callable[[Callable[[], object]], object]) -> dict[str, np.ndarray]:
         """As `infer`, for a front end with a thread per request; `on_abandon` registers what to call if the
         client goes away (the query is then dropped from the queue)."""
-        started = time.perf_counter()
-        try:
+        with self._accounted(name, protocol) as outcome:
             future = self.submit(name, version, request, timeout_s)
             on_abandon(future.cancel)
             wait_s = (timeout_s or self.models[name].executor.latency_target_s) + RESULT_GRACE_S
             try:
-                result = future.result(wait_s)
+                outcome.result = future.result(wait_s)
             except concurrent.futures.TimeoutError:
                 raise ServerError(f"model '{name}': no answer {wait_s:.0f} s after the deadline") from None
-        except concurrent.futures.CancelledError:
-            self._account(name, protocol, started, outcome="cancelled")
+        return {"scores": outcome.result.scores}
+
+    @contextlib.contextmanager
+    def _accounted(self, name: str, protocol: str) -> Iterator[_Outcome]:
+        """Statistics and metrics of one request, whichever way it ends."""
+        started = time.perf_counter()
+        label = name if name in self.models else "_unknown"
+        outcome = _Outcome()
+        try:
+            yield outcome
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            self.metrics.request(label, protocol, "cancelled")
             raise
         except Exception as error:
-            self._account(name, protocol, started, error=error)
-            raise
-        self._account(name, protocol, started, result=result)
-        return {"scores": result.scores}
-
-    def _account(self, name: str, protocol: str, started: float, result: QueryResult | None = None,
-                 error: BaseException | None = None, outcome: str | None = None) -> None:
-        label = name if name in self.models else "_unknown"
-        if result is not None:
-            self._record_success(name, result)
-            self.metrics.observe(name, result)
-            outcome = "ok"
-        elif error is not None:
             self._record_failure(label, time.perf_counter() - started)
-            outcome = status_of(error)[2]
-        self.metrics.request(label, protocol, outcome or "error")
+            self.metrics.request(label, protocol, status_of(error)[2])
+            raise
+        assert outcome.result is not None
+        self._record_success(name, outcome.result)
+        self.metrics.observe(name, outcome.result)
+        self.metrics.request(name, protocol, "ok")
 
     def _record_success(self, name: str, result: QueryResult) -> None:
         with self._lock:
