@@ -86,6 +86,9 @@ class WorkerHandle:
     def __init__(self, setup: WorkerSetup, route: Route, persistent: Tier | None, name: str,
                  shm_dir: Path = DEFAULT_SHM_DIR) -> None:
         context = multiprocessing.get_context("spawn")  # fork would copy torch's and numba's threads mid-flight
+        # OpenMP threads (torch's and numba's) spin for a while after each parallel region by default: with W
+        # workers on the cores, spinning threads steal the cores their siblings compute on. Sleep instead.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         self.route = route
         self.retiring = False
         self.counts: dict[str, LookupCounts] = {}

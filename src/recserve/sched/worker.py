@@ -97,7 +97,7 @@ class CountsRequest:
 def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | None) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then stops its workers
-    torch.set_num_threads(1)
+    _set_threads(1)
     try:
         model, ps = _build_replica(setup, lookups)
     except Exception as error:  # reported to the parent, which names it in its own error
@@ -120,7 +120,7 @@ def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | Non
                 tasks.send(ps.counts())
                 continue
             if torch.get_num_threads() != message.threads:
-                torch.set_num_threads(message.threads)
+                _set_threads(message.threads)
             dense, sparse = unpack(mailbox.read(message.letter))
             done = _run(model, message.task_id, dense, sparse, setup.device)
             del dense, sparse  # views into the mailbox: gone before the next letter may remap it
@@ -148,6 +148,14 @@ def _build_replica(setup: WorkerSetup, lookups: Connection | None):  # -> (RecMo
     ps = HierarchicalPS(setup.tables, tiers)
     model = load_dense(build_model(setup.spec, ps), setup.folder).to(setup.device)
     return model, ps
+
+
+def _set_threads(threads: int) -> None:
+    """k intra-op threads for torch and for the PS's parallel numba kernels alike: W x k stays the thread count."""
+    import numba
+
+    torch.set_num_threads(threads)
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
 def _warm_up(model: torch.nn.Module, setup: WorkerSetup) -> None:
