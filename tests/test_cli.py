@@ -84,3 +84,23 @@ def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["import", "--config", str(config), "--table", "items", str(tmp_path / "ok.model")]) == 0
     assert main(["lookup", "--config", str(config), "--table", "nope", "1"]) == 2
     assert "unknown table 'nope'" in capsys.readouterr().err
+
+
+def test_repo_writes_servable_model_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recserve.models.checkpoint import checkpoint_spec
+    from recserve.serve.repository import read_serving_config
+
+    assert main(["repo", str(tmp_path / "repo"), "--models", "ncf,rmc2", "--seed", "3"]) == 0
+    assert "ncf (tiny)" in capsys.readouterr().out
+    for name in ("ncf", "rmc2"):
+        folder = tmp_path / "repo" / name
+        assert checkpoint_spec(folder).name == name
+        assert (folder / "dense.pt").exists() and len(list((folder / "sparse").iterdir())) > 0
+        assert read_serving_config(folder).scheduler.batch_size == 64  # the defaults, written out
+    assert main(["repo", str(tmp_path / "other"), "--models", "rmc9"]) == 2
+    assert "unknown models ['rmc9']" in capsys.readouterr().err
+
+
+def test_serve_names_a_missing_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--repo", str(tmp_path / "none"), "--http-port", "0", "--grpc-port", "0"]) == 2
+    assert f"model repository {tmp_path / 'none'} is not a folder" in capsys.readouterr().err
