@@ -81,7 +81,57 @@ def _parser() -> argparse.ArgumentParser:
     repo.add_argument("--num-tasks", type=int, default=3, help="task heads of multi-task models")
     repo.add_argument("--seed", type=int, default=0)
     repo.set_defaults(run=_run_repo)
+
+    for name, helptext in (("bench", "run an open-loop load against a model and report tail latency"),
+                           ("tune", "find the scheduler setting with the highest load under the latency target")):
+        job = commands.add_parser(name, help=helptext)
+        where = job.add_mutually_exclusive_group(required=True)
+        where.add_argument("--grpc", help="a running server's gRPC address (load goes there)")
+        where.add_argument("--http", help="a running server's HTTP address (load, and knobs for tune)")
+        where.add_argument("--repo", type=Path, help="a model repository: load the model in this process")
+        job.add_argument("--control", help="tune with --grpc: the server's HTTP address, for the knobs")
+        job.add_argument("--model", default="rmc1")
+        job.add_argument("--preset", choices=["tiny", "full"], default="tiny", help="the served model's preset")
+        job.add_argument("--qps", type=float, default=50.0, help="offered load (bench; tune starts there)")
+        job.add_argument("--arrivals", choices=["poisson", "constant", "trace"], default="poisson")
+        job.add_argument("--trace", type=Path, help="send times, one per line (with --arrivals trace)")
+        job.add_argument("--sizes", choices=["fixed", "normal", "lognormal", "production", "file"],
+                         default="lognormal", help="items per query (lognormal: mu 5.1 sigma 0.2, as DeepRecSys)")
+        job.add_argument("--items", type=int, default=256, help="fixed size")
+        job.add_argument("--sizes-file", type=Path, help="one size per line (with --sizes file)")
+        job.add_argument("--max-items", type=int, default=1024, help="sizes are clipped to this")
+        job.add_argument("--duration", type=float, default=10.0, help="seconds of load per run")
+        job.add_argument("--seed", type=int, default=0)
+        job.add_argument("--out", type=Path, default=Path("recserve-results"), help="JSON and plots go here")
+        if name == "tune":
+            job.add_argument("--target-ms", type=float, help="default: the paper's p95 target of the model")
+            job.add_argument("--target-scale", type=float, default=1.0, help="scale the target to this machine")
+            job.add_argument("--percentile", type=float, choices=[95.0, 99.0], default=95.0)
+        job.set_defaults(run=_run_load_job, run_name=name)
     return parser
+
+
+def _run_load_job(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution, describe_errors
+    from recserve.errors import ConfigError
+    from recserve.loadgen.jobs import Endpoint, bench, tune_job
+
+    try:
+        load = LoadConfig(
+            model=args.model, duration_s=args.duration, seed=args.seed,
+            arrivals=ArrivalProcess(kind=args.arrivals, qps=args.qps, path=args.trace),
+            sizes=SizeDistribution(kind=args.sizes, items=args.items, path=args.sizes_file, max_items=args.max_items),
+        )
+    except ValidationError as error:
+        raise ConfigError(describe_errors(error)) from None
+    endpoint = Endpoint(grpc=args.grpc, http=args.http or args.control, repo=args.repo, preset=args.preset)
+    if args.run_name == "bench":
+        document = bench(endpoint, load, args.out)
+        return 1 if document["summary"].errors else 0  # a run with failed queries is not a measurement
+    tune_job(endpoint, load, args.out, args.target_ms, args.percentile, args.target_scale)
+    return 0
 
 
 def _run_serve(args: argparse.Namespace) -> int:

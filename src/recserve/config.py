@@ -194,6 +194,52 @@ class ServingConfig(StrictModel):
     max_items: int = Field(65_536, gt=0, description="Items per query, at most (bigger queries: 400).")
 
 
+class SizeDistribution(StrictModel):
+    """Items per query. DeepRecSys used lognormal(mu 5.1, sigma 0.2) and normal(165, 16)."""
+
+    kind: Literal["fixed", "normal", "lognormal", "production", "file"] = "lognormal"
+    items: int = Field(256, gt=0, description="fixed: every query's size.")
+    mean: float = Field(165.0, gt=0, description="normal: mean items.")
+    std: float = Field(16.0, ge=0, description="normal: standard deviation.")
+    mu: float = Field(5.1, description="lognormal: mean of log(items).")
+    sigma: float = Field(0.2, ge=0, le=5, description="lognormal: standard deviation of log(items).")
+    path: Path | None = Field(None, description="file: one size per line, drawn in order, cycled.")
+    max_items: int = Field(1024, gt=0, description="Sizes are clipped to [1, max_items].")
+
+    @model_validator(mode="after")
+    def _file_has_path(self) -> SizeDistribution:
+        if self.kind == "file" and self.path is None:
+            raise ValueError("size distribution 'file' needs a path")
+        return self
+
+
+class ArrivalProcess(StrictModel):
+    """When queries are sent: open loop, at scheduled times that a slow server cannot delay."""
+
+    kind: Literal["poisson", "constant", "trace"] = "poisson"
+    qps: float = Field(100.0, gt=0, le=1e6, description="poisson, constant: offered queries per second.")
+    path: Path | None = Field(None, description="trace: one send time in seconds per line, ascending.")
+
+    @model_validator(mode="after")
+    def _trace_has_path(self) -> ArrivalProcess:
+        if self.kind == "trace" and self.path is None:
+            raise ValueError("arrival process 'trace' needs a path")
+        return self
+
+
+class LoadConfig(StrictModel):
+    """One load-generator run against one model."""
+
+    model: str = "rmc1"
+    duration_s: float = Field(10.0, gt=0, description="Scheduled sending time (the run waits for stragglers).")
+    arrivals: ArrivalProcess = Field(default_factory=ArrivalProcess)
+    sizes: SizeDistribution = Field(default_factory=SizeDistribution)
+    zipf_alpha: float = Field(1.05, gt=0, description="Key popularity per table (0 < alpha; ~1 is web-like).")
+    seed: int = 0
+    max_in_flight: int = Field(4096, gt=0, description="Queries outstanding at most; beyond, sends are counted "
+                               "as client-side drops (the load generator cannot keep up), never delayed.")
+
+
 # --- HugeCTR HPS JSON ---------------------------------------------------------------------------------------
 # Field names and defaults are HPS's own; only the strictness is ours.
 

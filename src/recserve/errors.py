@@ -32,7 +32,7 @@ class CapacityError(RecserveError):
 
 
 class OverloadedError(RecserveError):
-    """Too much work right now; retry later (HTTP 503 / gRPC UNAVAILABLE)."""
+    """Too much work right now; retry later (HTTP 503 / gRPC RESOURCE_EXHAUSTED)."""
 
 
 class TierUnavailableError(RecserveError):

@@ -227,7 +227,7 @@ def test_a_timeout_parameter_that_cannot_be_met_is_refused(good: tuple, http: tr
     assert error.value.status() == "503" and "deadline" in error.value.message()
     with pytest.raises(InferenceServerException) as grpc_error:
         grpc_client.infer("ncf", triton_inputs(triton_grpc, big), timeout=1)
-    assert grpc_error.value.status() == str(grpc.StatusCode.UNAVAILABLE)
+    assert grpc_error.value.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 # --- overload ---
@@ -259,7 +259,7 @@ def test_a_thousand_concurrent_connections(live_server: Server, good: tuple, htt
     assert statuses.count(200) > 0
 
 
-def test_overload_is_refused_with_503_and_unavailable(live_server: Server, good: tuple,
+def test_overload_is_refused_with_503_and_resource_exhausted(live_server: Server, good: tuple,
                                                       http: triton_http.InferenceServerClient,
                                                       grpc_client: triton_grpc.InferenceServerClient,
                                                       then_good_request: None) -> None:
@@ -278,7 +278,7 @@ def test_overload_is_refused_with_503_and_unavailable(live_server: Server, good:
 
         results = asyncio.run(flood())
         refused = [r for r in results if isinstance(r, InferenceServerException)]
-        assert refused and all(r.status() == str(grpc.StatusCode.UNAVAILABLE) for r in refused)
+        assert refused and all(r.status() == str(grpc.StatusCode.RESOURCE_EXHAUSTED) for r in refused)
         assert all("queue full (1 of 1 queries waiting)" in r.message() for r in refused)
         assert any(not isinstance(r, Exception) for r in results)
     finally:
@@ -357,7 +357,7 @@ def test_fuzz_grpc(live_server: Server, good: tuple, then_good_request: None) ->
     asyncio.run(run())
     assert len(codes) == 2000
     unexpected = set(codes) - {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                               grpc.StatusCode.UNAVAILABLE}
+                               grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert not unexpected  # corrupt messages included: INVALID_ARGUMENT, never UNKNOWN or INTERNAL
     assert codes.count(grpc.StatusCode.INVALID_ARGUMENT) > 500
 

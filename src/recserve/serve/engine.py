@@ -45,7 +45,9 @@ STATUS: list[tuple[type[BaseException], int, grpc.StatusCode, str]] = [
     (NotFoundError, 404, grpc.StatusCode.NOT_FOUND, "not_found"),
     (InvalidInputError, 400, grpc.StatusCode.INVALID_ARGUMENT, "invalid"),
     (CapacityError, 503, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
-    (OverloadedError, 503, grpc.StatusCode.UNAVAILABLE, "overloaded"),
+    # overload is RESOURCE_EXHAUSTED, not UNAVAILABLE: gRPC clients also get UNAVAILABLE when they cannot connect,
+    # and a load generator must tell "refused" from "server gone"
+    (OverloadedError, 503, grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded"),
     (TierUnavailableError, 503, grpc.StatusCode.UNAVAILABLE, "unavailable"),
 ]
 

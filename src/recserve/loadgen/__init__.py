@@ -1,0 +1,1 @@
+"""DeepRecInfra: load generation, reports, simulation."""

@@ -1,0 +1,124 @@
+"""`recserve bench` and `recserve tune`: a load against a running server (or a model loaded in this process),
+reported as a table, a JSON file and plots."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from recserve.config import LoadConfig
+from recserve.errors import InvalidInputError
+from recserve.loadgen import report
+from recserve.loadgen.runner import Target, summarize
+from recserve.loadgen.targets import InProcessTarget, TritonTarget
+from recserve.loadgen.tuning import PAPER_TARGETS_MS, HttpControl, measured_run, tune
+from recserve.loadgen.workload import QueryPool
+from recserve.models.specs import ModelSpec, model_spec
+from recserve.sched.tuner import Setting
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where the model is: a server (`grpc` or `http` address; `http` also controls the knobs) or a repository
+    folder loaded in this process."""
+
+    grpc: str | None = None
+    http: str | None = None
+    repo: Path | None = None
+    preset: str = "tiny"
+    num_tasks: int = 3
+
+
+@dataclass
+class Connected:
+    spec: ModelSpec
+    make_target: Callable[[], Target]
+    apply: Callable[[Setting], None]
+
+
+@contextmanager
+def connect(endpoint: Endpoint, model: str) -> Iterator[Connected]:
+    if endpoint.repo is not None:
+        from recserve.serve.repository import load_model
+
+        served = load_model(endpoint.repo / model)
+        try:
+            def apply(setting: Setting) -> None:
+                served.executor.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
+                                          threads_per_worker=setting.threads_per_worker)
+
+            yield Connected(served.signature.spec, lambda: InProcessTarget(served.executor), apply)
+        finally:
+            served.close()
+        return
+    if endpoint.grpc is None and endpoint.http is None:
+        raise InvalidInputError("give a server (--grpc or --http address) or --repo to load the model here")
+    spec = model_spec(model, endpoint.preset, endpoint.num_tasks)  # type: ignore[arg-type]
+    protocol, address = ("grpc", endpoint.grpc) if endpoint.grpc else ("http", endpoint.http)
+
+    def no_control(setting: Setting) -> None:
+        raise InvalidInputError("tuning needs --http: the knobs are set through its scheduler endpoint")
+
+    apply = HttpControl(endpoint.http, model).apply if endpoint.http else no_control
+    yield Connected(spec, lambda: TritonTarget(address, model, spec, protocol), apply)  # type: ignore[arg-type]
+
+
+def bench(endpoint: Endpoint, load: LoadConfig, out: Path, progress: bool = True) -> dict:
+    """One open-loop run; prints the table, writes bench.json and latency_over_time.png under `out`."""
+    with connect(endpoint, load.model) as connected:
+        pool = QueryPool(connected.spec, load.sizes.max_items, load.zipf_alpha, load.seed)
+        samples = asyncio.run(measured_run(connected.make_target, pool, load, progress))
+    summary = summarize(samples, load)
+    label = f"{load.model} {load.arrivals.kind} {load.arrivals.qps:g} qps"
+    print(report.table([(label, summary)]))
+    errors = [s.error for s in samples if s.outcome == "error"]
+    if errors:
+        print(f"{len(errors)} queries failed; the first: {errors[0]}")
+    document = {"load": load.model_dump(mode="json"), "summary": summary, "first_errors": errors[:5]}
+    report.write_json(out / "bench.json", document)
+    report.plot_latency_over_time(out / "latency_over_time.png", samples, label)
+    print(f"wrote {out / 'bench.json'} and {out / 'latency_over_time.png'}")
+    return document
+
+
+def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float | None = None,
+             percentile: float = 95.0, target_scale: float = 1.0, progress: bool = True) -> dict:
+    """Baseline and hill climb; prints every setting tried, writes tune.json and latency_vs_load.png."""
+    target_ms = (target_ms or PAPER_TARGETS_MS.get(load.model, 100.0)) * target_scale
+    with connect(endpoint, load.model) as connected:
+        pool = QueryPool(connected.spec, load.sizes.max_items, load.zipf_alpha, load.seed)
+        result, baseline, measurements = tune(connected.apply, connected.make_target, pool, load, target_ms,
+                                              percentile, os.cpu_count(), progress=progress)
+        connected.apply(result.best)  # leave the server on the best setting found
+    baseline_setting = Setting(load.sizes.max_items, 1, os.cpu_count() or 1)
+    print(f"p{percentile:g} target {target_ms:g} ms; capacity (queries/s) of every setting tried:")
+    for setting, found in sorted(result.tried.items(), key=lambda pair: -pair[1].qps):
+        mark = " <- best" if setting == result.best else " (baseline)" if setting == baseline_setting else ""
+        print(f"  {setting!s:<24} {found.qps:10.1f}{mark}")
+    if not result.feasible:
+        print(f"no setting meets p{percentile:g} <= {target_ms:g} ms at any load: raise the target "
+              "(--target-scale) or the hardware")
+    ratio = result.best_qps / baseline.qps if baseline.qps > 0 else None
+    if ratio is not None:
+        print(f"tuned {result.best} sustains {result.best_qps:.1f} qps vs baseline {baseline.qps:.1f}: "
+              f"{ratio:.2f}x")
+    document = {
+        "model": load.model, "target_ms": target_ms, "percentile": percentile,
+        "best": vars_of(result.best), "tuned_qps": result.best_qps, "baseline_qps": baseline.qps, "ratio": ratio,
+        "tried": [{"setting": vars_of(s), "qps": c.qps, "probes": [vars_of(p) for p in c.probes]}
+                  for s, c in result.tried.items()],
+    }
+    report.write_json(out / "tune.json", document)
+    curves = {str(s): runs for s, runs in measurements.runs.items()}
+    report.plot_latency_vs_load(out / "latency_vs_load.png", curves, target_ms, percentile)
+    print(f"wrote {out / 'tune.json'} and {out / 'latency_vs_load.png'}")
+    return document
+
+
+def vars_of(value: object) -> dict:
+    return {name: getattr(value, name) for name in value.__slots__}  # type: ignore[attr-defined]
+

@@ -1,0 +1,60 @@
+"""Where the load goes: a running `recserve serve` (Triton's own async clients, gRPC or HTTP) or an executor in
+this process (quick runs, tests, the simulator's profiles). Each turns a refusal into OverloadedError."""
+
+from __future__ import annotations
+
+import asyncio
+
+from recserve.errors import OverloadedError
+from recserve.loadgen.workload import Query, as_v2_arrays
+from recserve.models.specs import ModelSpec
+from recserve.sched.executor import Executor
+
+# the server refused (overload); UNAVAILABLE is not here: over gRPC it also means "could not connect"
+REFUSED = {"503", "StatusCode.RESOURCE_EXHAUSTED"}
+
+
+class InProcessTarget:
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+
+    async def infer(self, query: Query, timeout_s: float | None) -> None:
+        await asyncio.wrap_future(self.executor.submit(query.dense, query.sparse, timeout_s))
+
+    async def close(self) -> None:
+        pass
+
+
+class TritonTarget:
+    """A model on a KServe v2 server, through tritonclient's asyncio client (`protocol` grpc or http)."""
+
+    def __init__(self, address: str, model: str, spec: ModelSpec, protocol: str = "grpc") -> None:
+        if protocol == "grpc":
+            import tritonclient.grpc.aio as client_module
+        else:
+            import tritonclient.http.aio as client_module
+        self._module = client_module
+        self._client = client_module.InferenceServerClient(address)
+        self._model, self._spec, self._protocol = model, spec, protocol
+
+    async def infer(self, query: Query, timeout_s: float | None) -> None:
+        from tritonclient.utils import InferenceServerException
+
+        inputs = []
+        for name, array in as_v2_arrays(self._spec, query).items():
+            tensor = self._module.InferInput(name, list(array.shape), "FP32" if name == "dense" else "INT64")
+            if self._protocol == "http":
+                tensor.set_data_from_numpy(array, binary_data=True)
+            else:
+                tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        timeout_us = None if timeout_s is None else max(1, int(timeout_s * 1e6))
+        try:
+            await self._client.infer(self._model, inputs, timeout=timeout_us)
+        except InferenceServerException as error:
+            if str(error.status()) in REFUSED:
+                raise OverloadedError(error.message() or "refused") from None
+            raise
+
+    async def close(self) -> None:
+        await self._client.close()

@@ -1,0 +1,113 @@
+"""Measuring capacity and tuning a live model: the tuner's callbacks, made of load-generator runs.
+
+    capacity(setting) = the highest Poisson QPS whose p95 (or p99) stays under the model's latency target,
+    each probe a fresh open-loop run of the same seeded workload against the model with `setting` applied.
+
+The static baseline DeepRecSys compares against: each query whole (B = the largest query), one worker with
+every core's threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from recserve.config import LoadConfig
+from recserve.errors import InvalidInputError, TierUnavailableError
+from recserve.loadgen.runner import RunSummary, Target, run_load, summarize
+from recserve.loadgen.workload import QueryPool
+from recserve.sched.tuner import Capacity, Setting, TuneResult, hill_climb, max_qps
+
+# p95 latency targets of the DeepRecSys paper, ms; scale them per machine (--target-scale)
+PAPER_TARGETS_MS = {"ncf": 5.0, "wnd": 25.0, "mtwnd": 25.0, "rmc1": 100.0, "rmc2": 400.0, "rmc3": 100.0,
+                    "din": 100.0, "dien": 35.0}
+
+
+@dataclass
+class Measurements:
+    """Every run made while tuning, for the report: setting -> [(offered qps, summary)]."""
+
+    runs: dict[Setting, list[tuple[float, RunSummary]]] = field(default_factory=dict)
+
+    def add(self, setting: Setting, qps: float, summary: RunSummary) -> None:
+        self.runs.setdefault(setting, []).append((qps, summary))
+
+
+class HttpControl:
+    """Applies settings through a running server's scheduler endpoint (blocking: new workers start first)."""
+
+    def __init__(self, http_address: str, model: str) -> None:
+        self.url = f"http://{http_address}/v2/models/{model}/scheduler"
+
+    def apply(self, setting: Setting) -> None:
+        body = json.dumps({"batch_size": setting.batch_size, "num_workers": setting.num_workers,
+                           "threads_per_worker": setting.threads_per_worker}).encode()
+        request = urllib.request.Request(self.url, data=body, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=600) as response:
+                response.read()
+        except urllib.error.HTTPError as error:
+            raise InvalidInputError(f"{self.url}: {error.code} {error.read().decode(errors='replace')}") from None
+        except OSError as error:
+            raise TierUnavailableError("server", f"{self.url}: {error}") from None
+
+
+async def measured_run(make_target: Callable[[], Target], pool: QueryPool, config: LoadConfig,
+                       progress: bool = True) -> list:
+    """One open-loop run with a fresh client (asyncio clients belong to the loop that made them)."""
+    target = make_target()
+    try:
+        return await run_load(target, pool, config, progress=progress)
+    finally:
+        await target.close()
+
+
+def capacity(make_target: Callable[[], Target], pool: QueryPool, load: LoadConfig, target_ms: float,
+             percentile: float, start_qps: float, on_run: Callable[[float, RunSummary], None] | None = None,
+             progress: bool = True) -> Capacity:
+    """The highest offered QPS meeting the target, by the tuner's bracket-and-bisect over open-loop runs."""
+
+    def measure(qps: float) -> float:
+        config = load.model_copy(update={"arrivals": load.arrivals.model_copy(update={"qps": qps})})
+        samples = asyncio.run(measured_run(make_target, pool, config, progress))
+        summary = summarize(samples, config)
+        if summary.errors:
+            first = next(s.error for s in samples if s.outcome == "error")
+            raise TierUnavailableError("server", f"{summary.errors} queries failed at {qps:.1f} qps: {first}")
+        if on_run:
+            on_run(qps, summary)
+        return summary.tail_ms(percentile)
+
+    return max_qps(measure, target_ms, start_qps)
+
+
+def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], pool: QueryPool, load: LoadConfig,
+         target_ms: float, percentile: float = 95.0, cores: int | None = None, start: Setting | None = None,
+         progress: bool = True) -> tuple[TuneResult, Capacity, Measurements]:
+    """The baseline's capacity, then the hill climb's; every run recorded."""
+    cores = cores or os.cpu_count() or 1
+    max_items = load.sizes.max_items
+    baseline = Setting(max_items, 1, cores)
+    measurements = Measurements()
+    guess = [5.0]  # the last capacity found starts the next search near its answer
+
+    def evaluate(setting: Setting) -> Capacity:
+        apply(setting)
+        found = capacity(make_target, pool, load, target_ms, percentile, guess[0],
+                         lambda qps, summary: measurements.add(setting, qps, summary), progress)
+        if found.qps > 0:
+            guess[0] = found.qps
+        return found
+
+    baseline_capacity = evaluate(baseline)
+    result = hill_climb(evaluate, start or Setting(min(64, max_items), cores, 1), cores, max_items)
+    result.tried.setdefault(baseline, baseline_capacity)
+    if baseline_capacity.qps > result.best_qps:  # the baseline is a valid answer too
+        result.best, result.best_qps = baseline, baseline_capacity.qps
+    return result, baseline_capacity, measurements

@@ -1,0 +1,142 @@
+"""DeepRecSched's tuner: the highest load a configuration sustains under the tail-latency target, and a hill
+climb over configurations (B, the W x k split) to raise it.
+
+The search is pure policy: it calls `measure` / `evaluate` callbacks (the load generator against a server, an
+executor, or the simulator) and decides what to try next, so it is tested with synthetic latency curves.
+
+Better than the original's search, which stopped at the first drop: capacity is bracketed (doubling) and then
+bisected, so one noisy probe moves the answer by one bisection step, not to zero; the climb looks at every
+neighbour of the current point before moving, moves only for a gain above the noise margin, and re-measures a
+neighbour that looks better by less than twice the margin before believing it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from recserve.errors import InvalidInputError
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    batch_size: int  # B
+    num_workers: int  # W
+    threads_per_worker: int  # k
+
+    def __str__(self) -> str:
+        return f"B={self.batch_size} W={self.num_workers} k={self.threads_per_worker}"
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """One load level tried: the tail latency measured and whether it met the target."""
+
+    qps: float
+    tail_ms: float
+    meets: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    qps: float  # the highest offered load that met the target; 0 if none did
+    probes: tuple[Probe, ...]
+
+
+@dataclass
+class TuneResult:
+    best: Setting
+    best_qps: float
+    tried: dict[Setting, Capacity] = field(default_factory=dict)
+
+    @property
+    def feasible(self) -> bool:
+        return self.best_qps > 0
+
+
+def max_qps(measure: Callable[[float], float], target_ms: float, start_qps: float, *, min_qps: float = 0.5,
+            max_qps: float = 1e5, rel_tol: float = 0.1, max_probes: int = 12) -> Capacity:
+    """The highest QPS whose tail latency (as `measure(qps)` returns it, ms) stays <= target_ms.
+
+    Brackets by doubling up (or halving down) from start_qps, then bisects geometrically until the bracket is
+    within rel_tol. Returns qps 0 when even min_qps misses the target: no load is served in time.
+    """
+    if target_ms <= 0 or start_qps <= 0 or not 0 < rel_tol < 1:
+        raise InvalidInputError("target_ms and start_qps must be > 0 and rel_tol in (0, 1)")
+    probes: list[Probe] = []
+
+    def probe(qps: float) -> bool:
+        tail = measure(qps)
+        probes.append(Probe(qps, tail, tail <= target_ms))
+        return probes[-1].meets
+
+    qps = min(max(start_qps, min_qps), max_qps)
+    if probe(qps):
+        low, high = qps, None
+        while high is None and len(probes) < max_probes and low < max_qps:
+            candidate = min(low * 2, max_qps)
+            if probe(candidate):
+                low = candidate
+            else:
+                high = candidate
+        if high is None:
+            return Capacity(low, tuple(probes))
+    else:
+        low, high = None, qps
+        while low is None and len(probes) < max_probes:
+            candidate = high / 2
+            if candidate < min_qps:
+                return Capacity(0.0, tuple(probes))
+            if probe(candidate):
+                low = candidate
+            else:
+                high = candidate
+        if low is None:
+            return Capacity(0.0, tuple(probes))
+    while high / low > 1 + rel_tol and len(probes) < max_probes:
+        middle = math.sqrt(low * high)
+        if probe(middle):
+            low = middle
+        else:
+            high = middle
+    return Capacity(low, tuple(probes))
+
+
+def neighbours(setting: Setting, cores: int, max_batch: int) -> list[Setting]:
+    """B halved or doubled; one worker more or fewer with the cores re-split (W x k <= cores)."""
+    out = []
+    for batch in (setting.batch_size // 2, setting.batch_size * 2):
+        if 1 <= batch <= max_batch:
+            out.append(Setting(batch, setting.num_workers, setting.threads_per_worker))
+    for workers in (setting.num_workers - 1, setting.num_workers + 1):
+        if 1 <= workers <= cores:
+            out.append(Setting(setting.batch_size, workers, max(1, cores // workers)))
+    return [s for s in out if s != setting]
+
+
+def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: int, max_batch: int, *,
+               min_gain: float = 0.05, max_steps: int = 8) -> TuneResult:
+    """Climb from `start` to the neighbour with the highest capacity until none gains more than min_gain."""
+    result = TuneResult(best=start, best_qps=0.0)
+
+    def capacity(setting: Setting) -> float:
+        if setting not in result.tried:
+            result.tried[setting] = evaluate(setting)
+        return result.tried[setting].qps
+
+    current, current_qps = start, capacity(start)
+    for _ in range(max_steps):
+        scored = sorted(((capacity(s), s) for s in neighbours(current, cores, max_batch)),
+                        key=lambda pair: pair[0], reverse=True)
+        if not scored:
+            break
+        best_qps, best = scored[0]
+        if best_qps > current_qps * (1 + min_gain) and best_qps < current_qps * (1 + 2 * min_gain):
+            result.tried[best] = evaluate(best)  # a small gain: measure again before moving
+            best_qps = result.tried[best].qps
+        if best_qps <= current_qps * (1 + min_gain):
+            break
+        current, current_qps = best, best_qps
+    result.best, result.best_qps = current, current_qps
+    return result

@@ -1,0 +1,80 @@
+"""The tuner's search on synthetic latency curves: capacity found within tolerance, noise survived, climb ends."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from recserve.errors import InvalidInputError
+from recserve.sched.tuner import Capacity, Setting, hill_climb, max_qps, neighbours
+
+
+def queue_latency(capacity_qps: float, base_ms: float = 5.0) -> callable:
+    """An M/M/1-like curve: latency grows without bound as the load approaches capacity."""
+    def measure(qps: float) -> float:
+        return float("inf") if qps >= capacity_qps else base_ms / (1 - qps / capacity_qps)
+    return measure
+
+
+@given(capacity=st.floats(1.0, 50_000.0), start=st.floats(0.5, 10_000.0))
+def test_max_qps_brackets_the_true_capacity(capacity: float, start: float) -> None:
+    target_ms = 50.0  # met below 90% of capacity: 5 / (1 - 0.9) = 50
+    found = max_qps(queue_latency(capacity), target_ms, start, max_probes=40)
+    true = 0.9 * capacity
+    assert found.qps <= true + 1e-9
+    assert found.qps >= true / 1.1 or true < 0.5  # within the 10% tolerance (unless below min_qps)
+    assert all(p.meets == (p.tail_ms <= target_ms) for p in found.probes)
+
+
+def test_a_target_nothing_meets_returns_zero_not_a_loop() -> None:
+    found = max_qps(lambda qps: 1000.0, target_ms=10.0, start_qps=100.0)
+    assert found.qps == 0.0 and 1 <= len(found.probes) <= 12
+    with pytest.raises(InvalidInputError):
+        max_qps(lambda qps: 1.0, target_ms=0.0, start_qps=1.0)
+
+
+def test_one_noisy_probe_costs_a_bisection_step_not_the_answer() -> None:
+    rng = random.Random(3)
+    curve = queue_latency(1000.0)
+    first = [True]
+
+    def noisy(qps: float) -> float:
+        if first[0] and qps > 400:  # the first probe above 400 qps hits a hiccup
+            first[0] = False
+            return 10_000.0
+        return curve(qps) * rng.uniform(0.97, 1.03)
+
+    found = max_qps(noisy, 50.0, start_qps=100.0, max_probes=20)
+    assert 300 <= found.qps <= 900
+
+
+def test_neighbours_keep_workers_times_threads_within_the_cores() -> None:
+    around = neighbours(Setting(64, 2, 2), cores=4, max_batch=1024)
+    assert Setting(32, 2, 2) in around and Setting(128, 2, 2) in around
+    assert Setting(64, 1, 4) in around and Setting(64, 3, 1) in around
+    assert all(s.num_workers * s.threads_per_worker <= 4 for s in around)
+    assert neighbours(Setting(1, 1, 1), cores=1, max_batch=1) == []
+
+
+def test_hill_climb_finds_the_peak_and_reports_every_point() -> None:
+    def evaluate(s: Setting) -> Capacity:  # best at B=128, W=4 on 4 cores
+        batch_penalty = abs((s.batch_size.bit_length() - 1) - 7)
+        return Capacity(qps=1000.0 / (1 + batch_penalty) * s.num_workers / 4, probes=())
+
+    result = hill_climb(evaluate, Setting(1024, 1, 4), cores=4, max_batch=1024)
+    assert result.best == Setting(128, 4, 1) and result.best_qps == 1000.0
+    assert Setting(1024, 1, 4) in result.tried and len(result.tried) >= 5
+
+
+def test_hill_climb_stops_on_a_plateau() -> None:
+    calls = []
+
+    def flat(s: Setting) -> Capacity:
+        calls.append(s)
+        return Capacity(qps=100.0, probes=())
+
+    result = hill_climb(flat, Setting(64, 1, 2), cores=2, max_batch=512)
+    assert result.best == Setting(64, 1, 2) and len(calls) <= 4
