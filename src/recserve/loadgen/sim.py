@@ -1,0 +1,157 @@
+"""DeepRecInfra's simulator: the scheduler on machines we cannot run on.
+
+1. Profile (on this machine): a sub-batch's service time as a function of its items b and the worker's
+   threads k, measured through the real executor (so the hand-off to the worker process is in it).
+2. Simulate (discrete events): the same arrival and size processes, each query split into sub-batches of B,
+   W workers of k threads taking sub-batches earliest-deadline-first (ties in arrival order), and optionally an
+   accelerator that takes queries of >= T items whole, with its own latency curve.
+
+The simulated machine may have any number of cores; a worker's service time is looked up at its k (interpolated
+in b on a log scale, extrapolated linearly past the largest b profiled). What a 2-core profile cannot know (the
+memory bandwidth of 64 cores) is not modelled: the simulator answers "what would the scheduler choose", not
+"how fast is that machine".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
+from recserve.errors import InvalidInputError
+from recserve.loadgen.runner import RunSummary, Sample, Target, run_load, schedule, summarize
+from recserve.loadgen.workload import QueryPool
+from recserve.sched.tuner import Setting
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyProfile:
+    """Service time (seconds) of one sub-batch of b items on a worker with k threads."""
+
+    batch_sizes: tuple[int, ...]  # ascending
+    seconds: dict[int, tuple[float, ...]]  # threads -> service time per batch size
+
+    def service_s(self, items: int, threads: int) -> float:
+        known = sorted(self.seconds)
+        k = max((t for t in known if t <= threads), default=known[0])
+        if threads > known[-1]:  # more threads than profiled: assume the last doubling's speed-up again
+            k = known[-1]
+        curve = self.seconds[k]
+        sizes = self.batch_sizes
+        if items <= sizes[0]:
+            return curve[0]
+        if items >= sizes[-1]:  # linear past the last point, with the slope of the last segment
+            if len(sizes) == 1:
+                return curve[-1] * items / sizes[-1]
+            slope = (curve[-1] - curve[-2]) / (sizes[-1] - sizes[-2])
+            return curve[-1] + max(slope, 0.0) * (items - sizes[-1])
+        return float(np.interp(math.log(items), np.log(sizes), curve))
+
+    def as_dict(self) -> dict:
+        return {"batch_sizes": list(self.batch_sizes), "seconds": {str(k): list(v) for k, v in self.seconds.items()}}
+
+
+def profile(run_once: Callable[[int, int], float], batch_sizes: list[int], threads: list[int],
+            repeats: int = 5) -> LatencyProfile:
+    """Median service time of each (b, k) by `run_once(b, k)` -> seconds (after one warm-up call)."""
+    if not batch_sizes or not threads:
+        raise InvalidInputError("profile needs batch sizes and thread counts")
+    seconds = {}
+    for k in threads:
+        curve = []
+        for b in sorted(batch_sizes):
+            run_once(b, k)
+            curve.append(float(np.median([run_once(b, k) for _ in range(repeats)])))
+        seconds[k] = tuple(curve)
+    return LatencyProfile(tuple(sorted(batch_sizes)), seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Accelerator:
+    """An accelerator's latency for a whole query of n items: fixed + per_item x n (a transfer-dominated
+    curve), and the threshold T at and above which queries go to it."""
+
+    threshold: int
+    fixed_s: float
+    per_item_s: float
+
+    def service_s(self, items: int) -> float:
+        return self.fixed_s + self.per_item_s * items
+
+
+@dataclass(order=True)
+class _Task:
+    deadline: float
+    arrival: float
+    query: int
+    part: int = field(compare=True)
+    items: int = field(compare=False)
+
+
+def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, target_s: float,
+             accelerator: Accelerator | None = None) -> list[Sample]:
+    """Per-query samples of the load on W workers (EDF over sub-batches) and the optional accelerator."""
+    times, sizes = schedule(load)
+    worker_free = [0.0] * setting.num_workers  # when each worker is next idle
+    accelerator_free = 0.0
+    finish: dict[int, float] = {}
+    ready: list[_Task] = []
+    events = [(float(t), "arrive", q) for q, t in enumerate(times)]
+    heapq.heapify(events)
+    while events or ready:
+        # the next thing to happen: an arrival, or a worker free to take the most urgent ready sub-batch
+        next_free = min(worker_free)
+        if events and (not ready or events[0][0] <= next_free):
+            now, _, q = heapq.heappop(events)
+            items = int(sizes[q])
+            if accelerator is not None and items >= accelerator.threshold:
+                start = max(now, accelerator_free)
+                accelerator_free = start + accelerator.service_s(items)
+                finish[q] = accelerator_free
+                continue
+            for part in range(math.ceil(items / setting.batch_size)):
+                size = min(setting.batch_size, items - part * setting.batch_size)
+                heapq.heappush(ready, _Task(now + target_s, now, q, part, size))
+            continue
+        task = heapq.heappop(ready)
+        worker = worker_free.index(next_free)
+        start = max(next_free, task.arrival)
+        worker_free[worker] = start + profile_.service_s(task.items, setting.threads_per_worker)
+        finish[task.query] = max(finish.get(task.query, 0.0), worker_free[worker])
+    return [Sample(float(times[q]), int(sizes[q]), finish[q] - float(times[q]), "ok") for q in range(len(times))]
+
+
+def simulated_summary(profile_: LatencyProfile, setting: Setting, load: LoadConfig, target_s: float,
+                      accelerator: Accelerator | None = None) -> RunSummary:
+    return summarize(simulate(profile_, setting, load, target_s, accelerator), load)
+
+
+def loadgen_profile(make_target: Callable[[], Target], apply: Callable[[Setting], None], pool: QueryPool,
+                    batch_sizes: list[int], threads: list[int], queries: int = 12, model: str = "model",
+                    seed: int = 0) -> LatencyProfile:
+    """Profile along the load generator's own path: for each (b, k), one worker, queries of exactly b items
+    sent one at a time (far apart, so none waits for another). The medians then hold everything a query meets
+    besides queueing (hand-offs, the client, the event loop), which is what the simulation must add up."""
+    seconds: dict[int, list[float]] = {}
+    for k in threads:
+        for b in sorted(batch_sizes):
+            apply(Setting(b, 1, k))
+            probe = LoadConfig(model=model, duration_s=queries * 0.05, seed=seed,
+                               arrivals=ArrivalProcess(kind="constant", qps=20.0),
+                               sizes=SizeDistribution(kind="fixed", items=b, max_items=pool.max_items))
+            samples = asyncio.run(_closed_spacing(make_target, pool, probe))
+            seconds.setdefault(k, []).append(float(np.median([s.latency_s for s in samples[2:]])))
+    return LatencyProfile(tuple(sorted(batch_sizes)), {k: tuple(v) for k, v in seconds.items()})
+
+
+async def _closed_spacing(make_target: Callable[[], Target], pool: QueryPool, config: LoadConfig) -> list[Sample]:
+    target = make_target()
+    try:
+        return await run_load(target, pool, config, progress=False)
+    finally:
+        await target.close()
