@@ -36,7 +36,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="import a synthetic power-law table and benchmark lookups")
+    demo = commands.add_parser("demo", help="serve RMC1, tune its scheduler against the static baseline, report")
+    demo.add_argument("--out", type=Path, default=Path("recserve-demo"), help="plots and JSON go here")
+    demo.add_argument("--target-ms", type=float, default=100.0, help="p95 latency target (the paper's for RMC1)")
+    demo.add_argument("--duration", type=float, default=1.5, help="seconds of load per measurement")
+    demo.add_argument("--lookups", action="store_true", help="the parameter-server demo instead: import a "
+                      "synthetic power-law table and benchmark lookups (the options below)")
     demo.add_argument("--rows", type=int, default=1_000_000, help="rows in the synthetic table")
     demo.add_argument("--dim", type=int, default=64, help="values per row")
     demo.add_argument("--dram-fraction", type=float, default=0.1, help="DRAM tier capacity, fraction of rows")
@@ -158,10 +163,13 @@ def _run_repo(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from recserve.demo import run_demo
+    from recserve.demo import run_lookup_demo, run_serving_demo
 
-    run_demo(rows=args.rows, dim=args.dim, dram_fraction=args.dram_fraction, batches=args.batches,
-             store=args.store)
+    if args.lookups:
+        run_lookup_demo(rows=args.rows, dim=args.dim, dram_fraction=args.dram_fraction, batches=args.batches,
+                        store=args.store)
+    else:
+        run_serving_demo(args.out, target_ms=args.target_ms, duration_s=args.duration)
     return 0
 
 

@@ -1,6 +1,15 @@
-"""`recserve demo`: import a synthetic power-law table into RocksDB, put a DRAM tier in front, and measure.
+"""`recserve demo`, the main job: serve RMC1, measure the static baseline, tune, report.
 
-Runs on embedded defaults only (a temporary RocksDB folder, shared memory), no external server.
+    1. RMC1 (`tiny` tables) with seeded weights, its tables imported into RocksDB and a DRAM tier in front that
+       fills as keys are first read; queries draw keys with Zipf(1.05) popularity (a temporary repository);
+    2. `recserve serve` started on free loopback ports;
+    3. DeepRecSys's static baseline (each query whole, one worker with every thread) and the tuner's hill climb,
+       each setting's capacity measured as the highest Poisson load whose p95 meets the target, queries of
+       lognormal(5.1, 0.2) items (DeepRecSys's size distribution);
+    4. the chosen (B, W, k), both capacities and their ratio, the parameter server's hit rates per tier, plots.
+
+`recserve demo --lookups` runs the parameter-server demo instead: a 1M-row table, Zipf lookups, hit rates.
+Everything runs on embedded defaults (temporary folders, shared memory, loopback), no external server.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from recserve.synthetic import ZipfKeys, random_rows
 BATCH = 65_536
 
 
-def run_demo(rows: int, dim: int, dram_fraction: float, batches: int, store: Path | None) -> dict:
+def run_lookup_demo(rows: int, dim: int, dram_fraction: float, batches: int, store: Path | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="recserve-demo-") as scratch:
         path = store or Path(scratch) / "store"
         capacity = max(1, int(rows * dram_fraction))
@@ -80,3 +89,80 @@ def _print_summary(s: dict, path: Path | str) -> None:
     print(f"  warm lookups               {s['warm_keys_per_s']:>14,.0f} keys/s")
     print(f"  warm batch latency         p50 {s['warm_p50_ms']:.1f} ms, p99 {s['warm_p99_ms']:.1f} ms")
     print(f"  store                      {path}")
+
+
+def run_serving_demo(out: Path, target_ms: float = 100.0, duration_s: float = 1.5, max_items: int = 512,
+                     progress: bool = True) -> dict:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
+    from recserve.loadgen.jobs import Endpoint, tune_job
+    from recserve.serve.repository import write_model_folder
+
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="recserve-demo-") as scratch:
+        repo = Path(scratch)
+        serving = {
+            "scheduler": {"batch_size": max_items, "num_workers": 1, "threads_per_worker": cores,
+                          "latency_target_ms": 10 * target_ms, "max_queue": 4096},
+            # RocksDB holds the full copy; the DRAM tier starts empty and fills by promotion as keys are read
+            "rocksdb": {"enabled": True, "path": "store"}, "max_items": max_items,
+        }
+        print("recserve demo: RMC1 (8 tables x 80 lookups per item; tables imported into RocksDB, a DRAM tier in "
+              "front filled on first read), DeepRecSched tuning under Poisson arrivals, lognormal(5.1, 0.2) items "
+              "per query, Zipf(1.05) keys")
+        write_model_folder(repo / "rmc1", "rmc1", "tiny", seed=0, serving=serving)
+        command = [sys.executable, "-m", "recserve.cli", "serve", "--repo", str(repo), "--http-port", "0",
+                   "--grpc-port", "0"]
+        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        try:
+            ports, ready = _wait_ready(server)
+            print(f"server ready ({ready}): HTTP {ports['http_port']}, gRPC {ports['grpc_port']}")
+            endpoint = Endpoint(grpc=f"127.0.0.1:{ports['grpc_port']}", http=f"127.0.0.1:{ports['http_port']}")
+            load = LoadConfig(model="rmc1", duration_s=duration_s, arrivals=ArrivalProcess(qps=20.0),
+                              sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=max_items))
+            document = tune_job(endpoint, load, out, target_ms=target_ms, progress=progress)
+            document["hit_rates"] = _hit_rates(endpoint.http or "")
+        finally:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+    for tier, rate in document["hit_rates"].items():
+        print(f"  {tier:<8} tier hit rate {rate:8.3%} (of the unique keys that reached it)")
+    print(f"plots and JSON: {out}/latency_vs_load.png, {out}/tune.json")
+    return document
+
+
+def _wait_ready(server: object) -> tuple[dict, str]:
+    import json
+
+    stdout = server.stdout  # type: ignore[attr-defined]
+    first = stdout.readline()
+    if not first:
+        raise RuntimeError("demo: the server exited before listening")
+    ready = stdout.readline().strip()
+    if not ready.startswith("ready"):
+        raise RuntimeError(f"demo: the server did not become ready: {ready!r}")
+    return json.loads(first), ready
+
+
+def _hit_rates(http: str) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://{http}/metrics", timeout=30).read().decode()
+    hits: dict[str, float] = {}
+    misses: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "recserve_ps_hits_total":
+                hits[sample.labels["tier"]] = hits.get(sample.labels["tier"], 0.0) + sample.value
+            elif sample.name == "recserve_ps_misses_total":
+                misses[sample.labels["tier"]] = misses.get(sample.labels["tier"], 0.0) + sample.value
+    return {tier: hits[tier] / max(1.0, hits[tier] + misses.get(tier, 0.0)) for tier in hits}
