@@ -85,9 +85,9 @@ def max_qps(measure: Callable[[float], float], target_ms: float, start_qps: floa
     else:
         low, high = None, qps
         while low is None and len(probes) < max_probes:
-            candidate = high / 2
-            if candidate < min_qps:
+            if high <= min_qps:
                 return Capacity(0.0, tuple(probes))
+            candidate = max(high / 2, min_qps)  # the floor itself is tried before giving up
             if probe(candidate):
                 low = candidate
             else:
