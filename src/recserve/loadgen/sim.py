@@ -6,8 +6,9 @@
    W workers of k threads taking sub-batches earliest-deadline-first (ties in arrival order), and optionally an
    accelerator that takes queries of >= T items whole, with its own latency curve.
 
-The simulated machine may have any number of cores; a worker's service time is looked up at its k (interpolated
-in b on a log scale, extrapolated linearly past the largest b profiled). What a 2-core profile cannot know (the
+The simulated machine may have any number of cores; a worker's service time is looked up at its k (piecewise
+linear in b, extrapolated linearly past the largest b profiled; beyond the thread counts profiled, by
+Amdahl's law fitted to the two largest). What a 2-core profile cannot know (the
 memory bandwidth of 64 cores) is not modelled: the simulator answers "what would the scheduler choose", not
 "how fast is that machine".
 """
@@ -26,7 +27,7 @@ from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
 from recserve.errors import InvalidInputError
 from recserve.loadgen.runner import RunSummary, Sample, Target, run_load, schedule, summarize
 from recserve.loadgen.workload import QueryPool
-from recserve.sched.tuner import Setting
+from recserve.sched.tuner import Capacity, Setting, TuneResult, hill_climb, max_qps
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +39,19 @@ class LatencyProfile:
 
     def service_s(self, items: int, threads: int) -> float:
         known = sorted(self.seconds)
-        k = max((t for t in known if t <= threads), default=known[0])
-        if threads > known[-1]:  # more threads than profiled: assume the last doubling's speed-up again
-            k = known[-1]
-        curve = self.seconds[k]
+        if threads in self.seconds:
+            return self._at(self.seconds[threads], items)
+        if threads > known[-1] and len(known) >= 2:  # Amdahl's law, fitted to the two largest thread counts
+            k1, k2 = known[-2], known[-1]
+            t1, t2 = self._at(self.seconds[k1], items), self._at(self.seconds[k2], items)
+            # t(k) = serial + parallel / k through both points; a slower t2 means no parallel part
+            parallel = max(0.0, (t1 - t2) / (1 / k1 - 1 / k2))
+            serial = max(t2 - parallel / k2, 0.0)
+            return serial + parallel / threads
+        nearest = max((k for k in known if k <= threads), default=known[0])
+        return self._at(self.seconds[nearest], items)
+
+    def _at(self, curve: tuple[float, ...], items: int) -> float:
         sizes = self.batch_sizes
         if items <= sizes[0]:
             return curve[0]
@@ -50,7 +60,7 @@ class LatencyProfile:
                 return curve[-1] * items / sizes[-1]
             slope = (curve[-1] - curve[-2]) / (sizes[-1] - sizes[-2])
             return curve[-1] + max(slope, 0.0) * (items - sizes[-1])
-        return float(np.interp(math.log(items), np.log(sizes), curve))
+        return float(np.interp(items, sizes, curve))  # piecewise linear: fixed cost + per-item cost
 
     def as_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "seconds": {str(k): list(v) for k, v in self.seconds.items()}}
@@ -155,3 +165,23 @@ async def _closed_spacing(make_target: Callable[[], Target], pool: QueryPool, co
         return await run_load(target, pool, config, progress=False)
     finally:
         await target.close()
+
+
+def simulated_tune(profile_: LatencyProfile, load: LoadConfig, target_ms: float, cores: int,
+                   percentile: float = 95.0, accelerator: Accelerator | None = None
+                   ) -> tuple[TuneResult, Capacity]:
+    """The tuner on a simulated machine of `cores` cores: (hill-climb result, static baseline's capacity)."""
+
+    def evaluate(setting: Setting) -> Capacity:
+        def measure(qps: float) -> float:
+            config = load.model_copy(update={"arrivals": load.arrivals.model_copy(update={"qps": qps})})
+            return simulated_summary(profile_, setting, config, target_ms / 1e3, accelerator).tail_ms(percentile)
+
+        return max_qps(measure, target_ms, start_qps=10.0, max_probes=24, rel_tol=0.05)
+
+    max_items = load.sizes.max_items
+    baseline = evaluate(Setting(max_items, 1, cores))
+    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=16)
+    if baseline.qps > result.best_qps:
+        result.best, result.best_qps = Setting(max_items, 1, cores), baseline.qps
+    return result, baseline
