@@ -1,7 +1,7 @@
 """DeepRecInfra's simulator: the scheduler on machines we cannot run on.
 
 1. Profile (on this machine): a sub-batch's service time as a function of its items b and the worker's
-   threads k, measured through the real executor (so the hand-off to the worker process is in it).
+   threads k, as the real executor's workers report it, and the overhead every query pays besides.
 2. Simulate (discrete events): the same arrival and size processes, each query split into sub-batches of B,
    W workers of k threads taking sub-batches earliest-deadline-first (ties in arrival order), and optionally an
    accelerator that takes queries of >= T items whole, with its own latency curve.
@@ -23,19 +23,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
+from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError
-from recserve.loadgen.runner import RunSummary, Sample, Target, run_load, schedule, summarize
+from recserve.loadgen.runner import RunSummary, Sample, schedule, summarize
 from recserve.loadgen.workload import QueryPool
+from recserve.sched.executor import Executor
 from recserve.sched.tuner import Capacity, Setting, TuneResult, hill_climb, max_qps
 
 
 @dataclass(frozen=True, slots=True)
 class LatencyProfile:
-    """Service time (seconds) of one sub-batch of b items on a worker with k threads."""
+    """Service time (seconds) of one sub-batch of b items on a worker with k threads: how long it keeps the
+    worker busy. `overhead_s` is what every query spends besides (hand-offs to and from the worker, the client):
+    latency that does not occupy a worker, so it adds to each query's time but not to the queue."""
 
     batch_sizes: tuple[int, ...]  # ascending
     seconds: dict[int, tuple[float, ...]]  # threads -> service time per batch size
+    overhead_s: float = 0.0
 
     def service_s(self, items: int, threads: int) -> float:
         known = sorted(self.seconds)
@@ -63,7 +67,8 @@ class LatencyProfile:
         return float(np.interp(items, sizes, curve))  # piecewise linear: fixed cost + per-item cost
 
     def as_dict(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes), "seconds": {str(k): list(v) for k, v in self.seconds.items()}}
+        return {"batch_sizes": list(self.batch_sizes), "seconds": {str(k): list(v) for k, v in self.seconds.items()},
+                "overhead_s": self.overhead_s}
 
 
 def profile(run_once: Callable[[int, int], float], batch_sizes: list[int], threads: list[int],
@@ -133,7 +138,8 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
         start = max(next_free, task.arrival)
         worker_free[worker] = start + profile_.service_s(task.items, setting.threads_per_worker)
         finish[task.query] = max(finish.get(task.query, 0.0), worker_free[worker])
-    return [Sample(float(times[q]), int(sizes[q]), finish[q] - float(times[q]), "ok") for q in range(len(times))]
+    return [Sample(float(times[q]), int(sizes[q]), finish[q] - float(times[q]) + profile_.overhead_s, "ok")
+            for q in range(len(times))]
 
 
 def simulated_summary(profile_: LatencyProfile, setting: Setting, load: LoadConfig, target_s: float,
@@ -141,30 +147,34 @@ def simulated_summary(profile_: LatencyProfile, setting: Setting, load: LoadConf
     return summarize(simulate(profile_, setting, load, target_s, accelerator), load)
 
 
-def loadgen_profile(make_target: Callable[[], Target], apply: Callable[[Setting], None], pool: QueryPool,
-                    batch_sizes: list[int], threads: list[int], queries: int = 12, model: str = "model",
-                    seed: int = 0) -> LatencyProfile:
-    """Profile along the load generator's own path: for each (b, k), one worker, queries of exactly b items
-    sent one at a time (far apart, so none waits for another). The medians then hold everything a query meets
-    besides queueing (hand-offs, the client, the event loop), which is what the simulation must add up."""
+def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int], threads: list[int],
+                     queries: int = 12, gap_s: float = 0.02, seed: int = 0) -> LatencyProfile:
+    """Profile a model through its executor: for each (b, k), one worker, queries of exactly b items sent one
+    at a time `gap_s` apart from an event loop, as the load generator sends them. A worker's service time is
+    the compute time it reports; the overhead is the median of the rest of each query's latency."""
+    rng = np.random.default_rng(seed)
     seconds: dict[int, list[float]] = {}
+    overheads: list[float] = []
+
+    async def one_point(items: int) -> list[tuple[float, float]]:
+        points = []
+        for _ in range(queries):
+            query = pool.query(items, rng)
+            loop = asyncio.get_running_loop()
+            sent = loop.time()
+            result = await asyncio.wrap_future(executor.submit(query.dense, query.sparse))
+            points.append((loop.time() - sent, result.compute_s))
+            await asyncio.sleep(gap_s)
+        return points[2:]  # the first after a knob change may meet a cold worker
+
     for k in threads:
         for b in sorted(batch_sizes):
-            apply(Setting(b, 1, k))
-            probe = LoadConfig(model=model, duration_s=queries * 0.05, seed=seed,
-                               arrivals=ArrivalProcess(kind="constant", qps=20.0),
-                               sizes=SizeDistribution(kind="fixed", items=b, max_items=pool.max_items))
-            samples = asyncio.run(_closed_spacing(make_target, pool, probe))
-            seconds.setdefault(k, []).append(float(np.median([s.latency_s for s in samples[2:]])))
-    return LatencyProfile(tuple(sorted(batch_sizes)), {k: tuple(v) for k, v in seconds.items()})
-
-
-async def _closed_spacing(make_target: Callable[[], Target], pool: QueryPool, config: LoadConfig) -> list[Sample]:
-    target = make_target()
-    try:
-        return await run_load(target, pool, config, progress=False)
-    finally:
-        await target.close()
+            executor.set_knobs(batch_size=b, num_workers=1, threads_per_worker=k)
+            points = asyncio.run(one_point(b))
+            seconds.setdefault(k, []).append(float(np.median([compute for _, compute in points])))
+            overheads.extend(latency - compute for latency, compute in points)
+    return LatencyProfile(tuple(sorted(batch_sizes)), {k: tuple(v) for k, v in seconds.items()},
+                          overhead_s=float(np.median(overheads)))
 
 
 def simulated_tune(profile_: LatencyProfile, load: LoadConfig, target_ms: float, cores: int,
