@@ -150,8 +150,9 @@ def simulated_summary(profile_: LatencyProfile, setting: Setting, load: LoadConf
 def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int], threads: list[int],
                      queries: int = 12, gap_s: float = 0.02, seed: int = 0) -> LatencyProfile:
     """Profile a model through its executor: for each (b, k), one worker, queries of exactly b items sent one
-    at a time `gap_s` apart from an event loop, as the load generator sends them. A worker's service time is
-    the compute time it reports; the overhead is the median of the rest of each query's latency."""
+    at a time `gap_s` apart from an event loop, as the load generator sends them. A worker's service time is how
+    long a sub-batch holds it (dispatch to answer received); the overhead is the median of the rest of each
+    query's latency."""
     rng = np.random.default_rng(seed)
     seconds: dict[int, list[float]] = {}
     overheads: list[float] = []
@@ -163,7 +164,10 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
             loop = asyncio.get_running_loop()
             sent = loop.time()
             result = await asyncio.wrap_future(executor.submit(query.dense, query.sparse))
-            points.append((loop.time() - sent, result.compute_s))
+            # the worker is held from dispatch until its answer is back (compute and both hand-offs); the rest
+            # of the latency (reaching the executor, the event loop's wake-up) holds no worker
+            held = result.total_s - result.queue_s
+            points.append((loop.time() - sent - held, held))
             await asyncio.sleep(gap_s)
         return points[2:]  # the first after a knob change may meet a cold worker
 
@@ -171,8 +175,8 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
         for b in sorted(batch_sizes):
             executor.set_knobs(batch_size=b, num_workers=1, threads_per_worker=k)
             points = asyncio.run(one_point(b))
-            seconds.setdefault(k, []).append(float(np.median([compute for _, compute in points])))
-            overheads.extend(latency - compute for latency, compute in points)
+            seconds.setdefault(k, []).append(float(np.median([held for _, held in points])))
+            overheads.extend(rest for rest, _ in points)
     return LatencyProfile(tuple(sorted(batch_sizes)), {k: tuple(v) for k, v in seconds.items()},
                           overhead_s=float(np.median(overheads)))
 
