@@ -17,9 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,6 +33,7 @@ from recserve.models import table_configs
 from recserve.models.checkpoint import checkpoint_spec, load_checkpoint
 from recserve.models.synthetic import Query, QueryGenerator
 from recserve.ps.server import HierarchicalPS
+from recserve.serve.app import spawn_server
 from recserve.serve.codec import DATATYPE_OF
 from recserve.serve.repository import short_name, write_model_folder
 
@@ -124,19 +122,6 @@ def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int
     return summary(latencies, items * num_queries, time.perf_counter() - started)
 
 
-def start_server(repo: Path) -> tuple[subprocess.Popen, str, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "recserve.cli", "serve", "--repo", str(repo), "--http-port", "0", "--grpc-port", "0"],
-        stdout=subprocess.PIPE, text=True,
-    )
-    assert process.stdout is not None
-    ports = json.loads(process.stdout.readline())
-    ready = process.stdout.readline()
-    if not ready.startswith("ready"):
-        raise SystemExit(f"server did not start: {ready!r}")
-    return process, f"127.0.0.1:{ports['http_port']}", f"127.0.0.1:{ports['grpc_port']}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -163,7 +148,8 @@ def main() -> None:
         local = in_process(repo / "rmc1", queries)
         print(f"in-process      {local}", flush=True)
 
-        process, http_address, grpc_address = start_server(repo)
+        server = spawn_server(repo)
+        http_address, grpc_address = server.http, server.grpc
         try:
             def grpc_call(pool_: list[Query]) -> Callable[[], Callable[[int], None]]:
                 def make() -> Callable[[int], None]:
@@ -190,8 +176,7 @@ def main() -> None:
             one_http = closed_loop(http_call(one_item), single, 1, 1)
             print(f"1-item HTTP     {one_http}", flush=True)
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(60)
+            server.stop()
 
     print(json.dumps({
         "grpc_vs_inprocess": round(served_grpc["items_per_s"] / local["items_per_s"], 3),

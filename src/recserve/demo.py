@@ -94,12 +94,10 @@ def _print_summary(s: dict, path: Path | str) -> None:
 def run_serving_demo(out: Path, target_ms: float = 100.0, duration_s: float = 1.5, max_items: int = 512,
                      progress: bool = True) -> dict:
     import os
-    import signal
-    import subprocess
-    import sys
 
     from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
     from recserve.loadgen.jobs import Endpoint, tune_job
+    from recserve.serve.app import spawn_server
     from recserve.serve.repository import write_model_folder
 
     cores = os.cpu_count() or 1
@@ -115,40 +113,20 @@ def run_serving_demo(out: Path, target_ms: float = 100.0, duration_s: float = 1.
               "front filled on first read), DeepRecSched tuning under Poisson arrivals, lognormal(5.1, 0.2) items "
               "per query, Zipf(1.05) keys")
         write_model_folder(repo / "rmc1", "rmc1", "tiny", seed=0, serving=serving)
-        command = [sys.executable, "-m", "recserve.cli", "serve", "--repo", str(repo), "--http-port", "0",
-                   "--grpc-port", "0"]
-        server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        server = spawn_server(repo)
         try:
-            ports, ready = _wait_ready(server)
-            print(f"server ready ({ready}): HTTP {ports['http_port']}, gRPC {ports['grpc_port']}")
-            endpoint = Endpoint(grpc=f"127.0.0.1:{ports['grpc_port']}", http=f"127.0.0.1:{ports['http_port']}")
+            print(f"server ready: HTTP {server.http}, gRPC {server.grpc}")
+            endpoint = Endpoint(grpc=server.grpc, http=server.http)
             load = LoadConfig(model="rmc1", duration_s=duration_s, arrivals=ArrivalProcess(qps=20.0),
                               sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=max_items))
             document = tune_job(endpoint, load, out, target_ms=target_ms, progress=progress)
-            document["hit_rates"] = _hit_rates(endpoint.http or "")
+            document["hit_rates"] = _hit_rates(server.http)
         finally:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            server.stop()
     for tier, rate in document["hit_rates"].items():
         print(f"  {tier:<8} tier hit rate {rate:8.3%} (of the unique keys that reached it)")
     print(f"plots and JSON: {out}/latency_vs_load.png, {out}/tune.json")
     return document
-
-
-def _wait_ready(server: object) -> tuple[dict, str]:
-    import json
-
-    stdout = server.stdout  # type: ignore[attr-defined]
-    first = stdout.readline()
-    if not first:
-        raise RuntimeError("demo: the server exited before listening")
-    ready = stdout.readline().strip()
-    if not ready.startswith("ready"):
-        raise RuntimeError(f"demo: the server did not become ready: {ready!r}")
-    return json.loads(first), ready
 
 
 def _hit_rates(http: str) -> dict[str, float]:

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import select
-import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +13,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from recserve.models.specs import MODEL_NAMES
+from recserve.serve.app import spawn_server
 from recserve.serve.repository import write_model_folder
 
 STARTUP_TIMEOUT_S = 600
@@ -51,22 +48,16 @@ def model_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("server") / "stderr.log"
-    command = [sys.executable, "-m", "recserve.cli", "-v", "serve", "--repo", str(model_repo),
-               "--http-port", "0", "--grpc-port", "0", "--max-body-mb", str(MAX_BODY_MB)]
     with open(log, "w") as stderr:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        ports = json.loads(_read_line(process, log))
-        ready = _read_line(process, log)
-        assert ready.startswith("ready"), ready
-        yield Server(process, f"127.0.0.1:{ports['http_port']}", f"127.0.0.1:{ports['grpc_port']}", model_repo, log)
-    finally:
-        process.send_signal(signal.SIGTERM)
         try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            spawned = spawn_server(model_repo, "--max-body-mb", str(MAX_BODY_MB), stderr=stderr,
+                                   startup_timeout_s=STARTUP_TIMEOUT_S)
+        except RuntimeError as error:
+            raise AssertionError(f"{error}:\n{log.read_text()[-4000:]}") from None
+    try:
+        yield Server(spawned.process, spawned.http, spawned.grpc, model_repo, log)
+    finally:
+        spawned.stop()
 
 
 @pytest.fixture
@@ -89,15 +80,6 @@ def grpc_client(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
     client = triton_grpc.InferenceServerClient(server.grpc)
     yield client
     client.close()
-
-
-def _read_line(process: subprocess.Popen, log: Path) -> str:
-    assert process.stdout is not None
-    readable, _, _ = select.select([process.stdout], [], [], STARTUP_TIMEOUT_S)
-    line = process.stdout.readline() if readable else ""
-    if not line:
-        raise AssertionError(f"the server did not start:\n{log.read_text()[-4000:]}")
-    return line.strip()
 
 
 def triton_inputs(module: object, arrays: dict[str, np.ndarray], binary: bool = True) -> list:

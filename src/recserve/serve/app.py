@@ -12,9 +12,13 @@ import contextlib
 import json
 import logging
 import resource
+import select
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from aiohttp import web
 
@@ -75,3 +79,46 @@ def _raise_open_file_limit() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class ServerProcess:
+    """`recserve serve` in a child process (the demo, benchmarks and tests drive a real one)."""
+
+    process: subprocess.Popen
+    http: str  # host:port
+    grpc: str
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def spawn_server(repo: Path, *extra_args: str, stderr: IO | None = None,
+                 startup_timeout_s: float = 600.0) -> ServerProcess:
+    """Start `recserve serve` on free loopback ports and return once it reports ready."""
+    command = [sys.executable, "-m", "recserve.cli", "serve", "--repo", str(repo), "--http-port", "0",
+               "--grpc-port", "0", *extra_args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        ports = json.loads(_line(process, startup_timeout_s) or "null")
+        ready = _line(process, startup_timeout_s)
+        if not ports or not ready.startswith("ready"):
+            raise RuntimeError(f"recserve serve did not become ready (exit code {process.poll()})")
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    host = ports["host"]
+    return ServerProcess(process, f"{host}:{ports['http_port']}", f"{host}:{ports['grpc_port']}")
+
+
+def _line(process: subprocess.Popen, timeout_s: float) -> str:
+    assert process.stdout is not None
+    readable, _, _ = select.select([process.stdout], [], [], timeout_s)
+    return process.stdout.readline().strip() if readable else ""
