@@ -241,7 +241,10 @@ class Executor:
             query.future.add_done_callback(self._answered)
             for index in range(len(plan.sub_batches)):
                 heapq.heappush(self._heaps[plan.route], (policy.priority(info), index, query))
-            self._cond.notify(len(plan.sub_batches))
+            if self._accelerator is None:
+                self._cond.notify(len(plan.sub_batches))
+            else:  # drivers of both routes wait on one condition: wake them all, the right ones take it
+                self._cond.notify_all()
         return query.future
 
     def _answered(self, _future: concurrent.futures.Future) -> None:
