@@ -24,6 +24,7 @@ from recserve.loadgen.workload import QueryPool
 from recserve.sched.tuner import Capacity, Setting, TuneResult, hill_climb, max_qps
 
 # p95 latency targets of the DeepRecSys paper, ms; scale them per machine (--target-scale)
+MIN_PROBE_QUERIES = 40
 PAPER_TARGETS_MS = {"ncf": 5.0, "wnd": 25.0, "mtwnd": 25.0, "rmc1": 100.0, "rmc2": 400.0, "rmc3": 100.0,
                     "din": 100.0, "dien": 35.0}
 
@@ -68,13 +69,23 @@ async def measured_run(make_target: Callable[[], Target], pool: QueryPool, confi
         await target.close()
 
 
+def warm_up(make_target: Callable[[], Target], pool: QueryPool, load: LoadConfig) -> None:
+    """A short unmeasured load after a setting changes: new workers' first queries of each size are slow."""
+    config = load.model_copy(update={"duration_s": 1.0, "arrivals": load.arrivals.model_copy(
+        update={"kind": "constant", "qps": 20.0})})
+    asyncio.run(measured_run(make_target, pool, config, progress=False))
+
+
 def capacity(make_target: Callable[[], Target], pool: QueryPool, load: LoadConfig, target_ms: float,
              percentile: float, start_qps: float, on_run: Callable[[float, RunSummary], None] | None = None,
              progress: bool = True) -> Capacity:
     """The highest offered QPS meeting the target, by the tuner's bracket-and-bisect over open-loop runs."""
 
     def measure(qps: float) -> float:
-        config = load.model_copy(update={"arrivals": load.arrivals.model_copy(update={"qps": qps})})
+        # a p95 needs enough queries behind it: a low-load probe runs longer (up to 4x the set duration)
+        duration = max(load.duration_s, min(MIN_PROBE_QUERIES / qps, 4 * load.duration_s))
+        config = load.model_copy(update={"duration_s": duration,
+                                         "arrivals": load.arrivals.model_copy(update={"qps": qps})})
         samples = asyncio.run(measured_run(make_target, pool, config, progress))
         summary = summarize(samples, config)
         if summary.errors:
@@ -99,6 +110,7 @@ def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], po
 
     def evaluate(setting: Setting) -> Capacity:
         apply(setting)
+        warm_up(make_target, pool, load)
         found = capacity(make_target, pool, load, target_ms, percentile, guess[0],
                          lambda qps, summary: measurements.add(setting, qps, summary), progress)
         if found.qps > 0:
