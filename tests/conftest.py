@@ -60,13 +60,6 @@ def reference_model(folder: Path) -> tuple:  # -> (RecModel, HierarchicalPS)
 
 def v2_inputs(spec: object, dense: object, sparse: object) -> dict[str, np.ndarray]:
     """A query as the served model's named inputs: <table>_keys, <table>_lengths, dense."""
-    from recserve.serve.repository import short_name
+    from recserve.loadgen.workload import Query, as_v2_arrays
 
-    arrays = {}
-    for table in spec.tables:  # type: ignore[attr-defined]
-        short = short_name(spec, table.name)  # type: ignore[arg-type]
-        arrays[f"{short}_keys"] = sparse.keys[table.name].numpy()  # type: ignore[attr-defined]
-        arrays[f"{short}_lengths"] = sparse.lengths(table.name).numpy()  # type: ignore[attr-defined]
-    if spec.dense_features:  # type: ignore[attr-defined]
-        arrays["dense"] = np.asarray(dense, dtype=np.float32)
-    return arrays
+    return as_v2_arrays(spec, Query(dense=None if dense is None else np.asarray(dense), sparse=sparse))  # type: ignore[arg-type]

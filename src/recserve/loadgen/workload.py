@@ -128,6 +128,6 @@ def as_v2_arrays(spec: ModelSpec, query: Query) -> dict[str, np.ndarray]:
         short = short_name(spec, table.name)
         arrays[f"{short}_keys"] = np.ascontiguousarray(query.sparse.keys[table.name].numpy())
         arrays[f"{short}_lengths"] = torch.diff(query.sparse.offsets[table.name]).numpy()
-    if query.dense is not None:
-        arrays["dense"] = np.ascontiguousarray(query.dense)
+    if spec.dense_features and query.dense is not None:
+        arrays["dense"] = np.ascontiguousarray(query.dense, dtype=np.float32)
     return arrays
