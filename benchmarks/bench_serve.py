@@ -29,37 +29,22 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from recserve.config import DramTierConfig, PSConfig, RocksTierConfig
+from recserve.loadgen.targets import triton_inputs
+from recserve.loadgen.workload import Query as LoadQuery
+from recserve.loadgen.workload import as_v2_arrays
 from recserve.models import table_configs
 from recserve.models.checkpoint import checkpoint_spec, load_checkpoint
+from recserve.models.specs import ModelSpec
 from recserve.models.synthetic import Query, QueryGenerator
 from recserve.ps.server import HierarchicalPS
 from recserve.serve.app import spawn_server
-from recserve.serve.codec import DATATYPE_OF
-from recserve.serve.repository import short_name, write_model_folder
+from recserve.serve.repository import write_model_folder
 
 ITEMS = 256
 
 
-def v2_arrays(spec: object, query: Query) -> dict[str, np.ndarray]:
-    arrays = {}
-    for table in spec.tables:  # type: ignore[attr-defined]
-        short = short_name(spec, table.name)  # type: ignore[arg-type]
-        arrays[f"{short}_keys"] = query.sparse.keys[table.name].numpy()
-        arrays[f"{short}_lengths"] = query.sparse.lengths(table.name).numpy()
-    arrays["dense"] = query.dense.numpy()
-    return arrays
-
-
-def triton_inputs(module: object, arrays: dict[str, np.ndarray]) -> list:
-    inputs = []
-    for name, array in arrays.items():
-        tensor = module.InferInput(name, list(array.shape), DATATYPE_OF[array.dtype])  # type: ignore[attr-defined]
-        if module is triton_http:
-            tensor.set_data_from_numpy(array, binary_data=True)
-        else:
-            tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+def v2_arrays(spec: ModelSpec, query: Query) -> dict[str, np.ndarray]:
+    return as_v2_arrays(spec, LoadQuery(dense=query.dense.numpy(), sparse=query.sparse))
 
 
 def summary(latencies: list[float], items: int, wall_s: float) -> dict[str, float]:

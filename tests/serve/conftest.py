@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
@@ -80,18 +79,3 @@ def grpc_client(server: Server) -> Iterator[triton_grpc.InferenceServerClient]:
     client = triton_grpc.InferenceServerClient(server.grpc)
     yield client
     client.close()
-
-
-def triton_inputs(module: object, arrays: dict[str, np.ndarray], binary: bool = True) -> list:
-    """tritonclient InferInputs (http or grpc module) for named arrays."""
-    from recserve.serve.codec import DATATYPE_OF
-
-    inputs = []
-    for name, array in arrays.items():
-        tensor = module.InferInput(name, list(array.shape), DATATYPE_OF[array.dtype])  # type: ignore[attr-defined]
-        if module.__name__ == "tritonclient.http":  # type: ignore[attr-defined]
-            tensor.set_data_from_numpy(array, binary_data=binary)
-        else:
-            tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs

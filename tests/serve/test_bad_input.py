@@ -21,10 +21,11 @@ import tritonclient.grpc.aio as triton_grpc_aio
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
+from recserve.loadgen.targets import triton_inputs
 from recserve.models.specs import model_spec
 from recserve.models.synthetic import QueryGenerator
 from tests.conftest import reference_model, v2_inputs
-from tests.serve.conftest import MAX_BODY_MB, Server, triton_inputs
+from tests.serve.conftest import MAX_BODY_MB, Server
 
 SPEC = model_spec("ncf", "tiny")
 INFER = "/inference.GRPCInferenceService/ModelInfer"

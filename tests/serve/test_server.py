@@ -14,10 +14,11 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from prometheus_client.parser import text_string_to_metric_families
 
+from recserve.loadgen.targets import triton_inputs
 from recserve.models.specs import MODEL_NAMES
 from recserve.models.synthetic import QueryGenerator
 from tests.conftest import reference_model, v2_inputs
-from tests.serve.conftest import Server, triton_inputs
+from tests.serve.conftest import Server
 
 _REFERENCES: dict[str, tuple] = {}
 

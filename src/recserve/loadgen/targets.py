@@ -4,14 +4,32 @@ this process (quick runs, tests, the simulator's profiles). Each turns a refusal
 from __future__ import annotations
 
 import asyncio
+from types import ModuleType
+
+import numpy as np
 
 from recserve.errors import OverloadedError
 from recserve.loadgen.workload import Query, as_v2_arrays
 from recserve.models.specs import ModelSpec
 from recserve.sched.executor import Executor
+from recserve.serve.codec import DATATYPE_OF
 
 # the server refused (overload); UNAVAILABLE is not here: over gRPC it also means "could not connect"
 REFUSED = {"503", "StatusCode.RESOURCE_EXHAUSTED"}
+
+
+def triton_inputs(module: ModuleType, arrays: dict[str, np.ndarray], binary: bool = True) -> list:
+    """tritonclient InferInputs for named arrays, `module` being tritonclient.grpc or .http (or their .aio);
+    over HTTP, `binary` sends them with the binary tensor extension instead of as JSON."""
+    inputs = []
+    for name, array in arrays.items():
+        tensor = module.InferInput(name, list(array.shape), DATATYPE_OF[array.dtype])
+        if module.__name__.startswith("tritonclient.http"):
+            tensor.set_data_from_numpy(array, binary_data=binary)
+        else:
+            tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 class InProcessTarget:
@@ -40,14 +58,7 @@ class TritonTarget:
     async def infer(self, query: Query, timeout_s: float | None) -> None:
         from tritonclient.utils import InferenceServerException
 
-        inputs = []
-        for name, array in as_v2_arrays(self._spec, query).items():
-            tensor = self._module.InferInput(name, list(array.shape), "FP32" if name == "dense" else "INT64")
-            if self._protocol == "http":
-                tensor.set_data_from_numpy(array, binary_data=True)
-            else:
-                tensor.set_data_from_numpy(array)
-            inputs.append(tensor)
+        inputs = triton_inputs(self._module, as_v2_arrays(self._spec, query))
         timeout_us = None if timeout_s is None else max(1, int(timeout_s * 1e6))
         try:
             await self._client.infer(self._model, inputs, timeout=timeout_us)
