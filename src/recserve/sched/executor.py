@@ -187,8 +187,7 @@ class Executor:
     def start(self) -> Executor:
         self._resize(self._knobs.num_workers)
         if torch.cuda.is_available():
-            accelerator_setup = dataclasses.replace(self._setup, device="cuda")
-            worker = WorkerHandle(accelerator_setup, "accelerator", self._persistent, f"{self.name}-accelerator")
+            worker = self._spawn("accelerator")
             worker.wait_ready()
             self._accelerator = worker
             self._start_driver(worker)
@@ -287,8 +286,7 @@ class Executor:
         with self._resize_lock:
             live = [w for w in self._workers if not w.retiring]
             if len(live) < num_workers:
-                new = [WorkerHandle(self._setup, "cpu", self._persistent, f"{self.name}-worker{next(self._sequence)}")
-                       for _ in range(num_workers - len(live))]
+                new = [self._spawn("cpu") for _ in range(num_workers - len(live))]
                 try:
                     for worker in new:
                         worker.wait_ready()
@@ -411,9 +409,8 @@ class Executor:
         with self._cond:
             if self._closing or dead.retiring:
                 return None
-        setup = self._setup if dead.route == "cpu" else dataclasses.replace(self._setup, device="cuda")
         try:
-            worker = WorkerHandle(setup, dead.route, self._persistent, f"{self.name}-worker{next(self._sequence)}")
+            worker = self._spawn(dead.route)
             worker.wait_ready()
         except ServerError:
             log.exception("%s: could not replace a dead worker", self.name)
@@ -426,6 +423,11 @@ class Executor:
                 self._accelerator = worker
         dead.stop()
         return worker
+
+    def _spawn(self, route: Route) -> WorkerHandle:
+        """Start a worker process for a route (not yet waited for): the accelerator's runs on CUDA."""
+        setup = self._setup if route == "cpu" else dataclasses.replace(self._setup, device="cuda")
+        return WorkerHandle(setup, route, self._persistent, f"{self.name}-{route}{next(self._sequence)}")
 
     def _retire(self, worker: WorkerHandle) -> None:
         with self._cond:
