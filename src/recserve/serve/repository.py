@@ -15,7 +15,7 @@ Output: scores FP32 [items, tasks]. <table> is the table's name without the mode
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -49,44 +49,46 @@ class TensorSpec:
 
 @dataclass(frozen=True, slots=True)
 class ModelSignature:
-    """What a model takes and gives, and how to turn checked tensors into (dense, SparseBatch)."""
+    """What a model takes and gives, and how to turn checked tensors into (dense, SparseBatch).
+
+    The tensor lists are built once here: `decode` runs on every request, and DIN has 506 inputs.
+    """
 
     spec: ModelSpec
     max_items: int
+    inputs: tuple[TensorSpec, ...] = field(init=False)
+    outputs: tuple[TensorSpec, ...] = field(init=False)
+    _features: tuple[tuple[str, str, str], ...] = field(init=False)  # (table, keys input, lengths input)
 
-    @property
-    def inputs(self) -> list[TensorSpec]:
-        tensors = []
-        for table in self.spec.tables:
-            short = short_name(self.spec, table.name)
-            tensors.append(TensorSpec(f"{short}_keys", ("INT64",), (-1,)))
-            tensors.append(TensorSpec(f"{short}_lengths", ("INT64", "INT32"), (-1,)))
+    def __post_init__(self) -> None:
+        features = tuple((t.name, f"{short_name(self.spec, t.name)}_keys", f"{short_name(self.spec, t.name)}_lengths")
+                         for t in self.spec.tables)
+        inputs = []
+        for _, keys, lengths in features:
+            inputs.append(TensorSpec(keys, ("INT64",), (-1,)))
+            inputs.append(TensorSpec(lengths, ("INT64", "INT32"), (-1,)))
         if self.spec.dense_features:
-            tensors.append(TensorSpec("dense", ("FP32",), (-1, self.spec.dense_features)))
-        return tensors
-
-    @property
-    def outputs(self) -> list[TensorSpec]:
-        return [TensorSpec("scores", ("FP32",), (-1, self.spec.num_tasks))]
+            inputs.append(TensorSpec("dense", ("FP32",), (-1, self.spec.dense_features)))
+        object.__setattr__(self, "_features", features)  # frozen: set once, here
+        object.__setattr__(self, "inputs", tuple(inputs))
+        object.__setattr__(self, "outputs", (TensorSpec("scores", ("FP32",), (-1, self.spec.num_tasks)),))
 
     def decode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, SparseBatch]:
         """Check names, datatypes and shapes, and build the query. Errors name the input at fault."""
-        expected = {t.name: t for t in self.inputs}
-        missing = [name for name in expected if name not in inputs]
-        extra = [name for name in inputs if name not in expected]
+        missing = [t.name for t in self.inputs if t.name not in inputs]
+        extra = [name for name in inputs if name not in {t.name for t in self.inputs}]
         if extra:
             raise InvalidInputError(f"model '{self.spec.name}': unexpected inputs {extra[:5]}")
         if missing:
             raise InvalidInputError(f"model '{self.spec.name}': missing inputs {missing[:5]}"
                                     + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        for name, tensor_spec in expected.items():
-            _check_tensor(inputs[name], tensor_spec)
+        for tensor_spec in self.inputs:
+            _check_tensor(inputs[tensor_spec.name], tensor_spec)
         features = {}
-        for table in self.spec.tables:
-            short = short_name(self.spec, table.name)
-            keys, lengths = inputs[f"{short}_keys"], inputs[f"{short}_lengths"]
-            self._check_items(lengths.shape[0], f"{short}_lengths")
-            features[table.name] = (keys, lengths)
+        for table, keys_name, lengths_name in self._features:
+            lengths = inputs[lengths_name]
+            self._check_items(lengths.shape[0], lengths_name)
+            features[table] = (inputs[keys_name], lengths)
         sparse = SparseBatch.from_lengths(features, name=f"model '{self.spec.name}'")
         dense = None
         if self.spec.dense_features:
