@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import tempfile
@@ -26,11 +27,11 @@ from pathlib import Path
 
 from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
 from recserve.loadgen.sim import executor_profile, simulated_tune
-from recserve.loadgen.targets import InProcessTarget
+from recserve.loadgen.targets import InProcessTarget, apply_setting
 from recserve.loadgen.tuning import PAPER_TARGETS_MS, tune
 from recserve.loadgen.workload import QueryPool
 from recserve.models.specs import MODEL_NAMES
-from recserve.sched.tuner import Setting
+from recserve.sched.tuner import static_baseline
 from recserve.serve.repository import load_model, write_model_folder
 
 MAX_ITEMS = 512
@@ -45,9 +46,7 @@ def bench_model(name: str, folder: Path, duration_s: float, target_scale: float)
                           sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=MAX_ITEMS))
         pool = QueryPool(served.signature.spec, MAX_ITEMS, seed=1)
 
-        def apply(setting: Setting) -> None:
-            served.executor.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
-                                      threads_per_worker=setting.threads_per_worker)
+        apply = functools.partial(apply_setting, served.executor)
 
         target_ms = PAPER_TARGETS_MS[name] * target_scale
         floor_ms = 2 * unloaded_p95_ms(apply, served, pool, load)
@@ -79,7 +78,7 @@ def unloaded_p95_ms(apply: object, served: object, pool: QueryPool, load: LoadCo
     from recserve.loadgen.runner import summarize
     from recserve.loadgen.tuning import measured_run
 
-    apply(Setting(MAX_ITEMS, 1, os.cpu_count() or 1))  # type: ignore[operator]
+    apply(static_baseline(MAX_ITEMS, os.cpu_count() or 1))  # type: ignore[operator]
     probe = load.model_copy(update={"duration_s": 4.0, "arrivals": ArrivalProcess(kind="constant", qps=5.0)})
     samples = asyncio.run(measured_run(lambda: InProcessTarget(served.executor), pool, probe, False))  # type: ignore[attr-defined]
     return summarize(samples, probe).p95_ms

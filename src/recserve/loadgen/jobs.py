@@ -4,6 +4,7 @@ reported as a table, a JSON file and plots."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,11 +15,11 @@ from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError
 from recserve.loadgen import report
 from recserve.loadgen.runner import Target, summarize
-from recserve.loadgen.targets import InProcessTarget, TritonTarget
+from recserve.loadgen.targets import InProcessTarget, TritonTarget, apply_setting
 from recserve.loadgen.tuning import PAPER_TARGETS_MS, HttpControl, measured_run, tune
 from recserve.loadgen.workload import QueryPool
 from recserve.models.specs import ModelSpec, model_spec
-from recserve.sched.tuner import Setting
+from recserve.sched.tuner import Setting, static_baseline
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +48,8 @@ def connect(endpoint: Endpoint, model: str) -> Iterator[Connected]:
 
         served = load_model(endpoint.repo / model)
         try:
-            def apply(setting: Setting) -> None:
-                served.executor.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
-                                          threads_per_worker=setting.threads_per_worker)
-
-            yield Connected(served.signature.spec, lambda: InProcessTarget(served.executor), apply)
+            yield Connected(served.signature.spec, lambda: InProcessTarget(served.executor),
+                            functools.partial(apply_setting, served.executor))
         finally:
             served.close()
         return
@@ -94,7 +92,7 @@ def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float |
         result, baseline, measurements = tune(connected.apply, connected.make_target, pool, load, target_ms,
                                               percentile, os.cpu_count(), progress=progress)
         connected.apply(result.best)  # leave the server on the best setting found
-    baseline_setting = Setting(load.sizes.max_items, 1, os.cpu_count() or 1)
+    baseline_setting = static_baseline(load.sizes.max_items, os.cpu_count() or 1)
     print(f"p{percentile:g} target {target_ms:g} ms; capacity (queries/s) of every setting tried:")
     for setting, found in sorted(result.tried.items(), key=lambda pair: -pair[1].qps):
         mark = " <- best" if setting == result.best else " (baseline)" if setting == baseline_setting else ""

@@ -26,9 +26,10 @@ import numpy as np
 from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError
 from recserve.loadgen.runner import RunSummary, Sample, schedule, summarize
+from recserve.loadgen.targets import apply_setting
 from recserve.loadgen.workload import QueryPool
 from recserve.sched.executor import Executor
-from recserve.sched.tuner import Capacity, Setting, TuneResult, hill_climb, max_qps
+from recserve.sched.tuner import Capacity, Setting, TuneResult, max_qps, tune_against_baseline
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +174,7 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
 
     for k in threads:
         for b in sorted(batch_sizes):
-            executor.set_knobs(batch_size=b, num_workers=1, threads_per_worker=k)
+            apply_setting(executor, Setting(b, 1, k))
             points = asyncio.run(one_point(b))
             seconds.setdefault(k, []).append(float(np.median([held for _, held in points])))
             overheads.extend(rest for rest, _ in points)
@@ -193,9 +194,4 @@ def simulated_tune(profile_: LatencyProfile, load: LoadConfig, target_ms: float,
 
         return max_qps(measure, target_ms, start_qps=10.0, max_probes=24, rel_tol=0.05)
 
-    max_items = load.sizes.max_items
-    baseline = evaluate(Setting(max_items, 1, cores))
-    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=16)
-    if baseline.qps > result.best_qps:
-        result.best, result.best_qps = Setting(max_items, 1, cores), baseline.qps
-    return result, baseline
+    return tune_against_baseline(evaluate, load.sizes.max_items, cores, max_steps=16)

@@ -12,6 +12,7 @@ from recserve.errors import OverloadedError
 from recserve.loadgen.workload import Query, as_v2_arrays
 from recserve.models.specs import ModelSpec
 from recserve.sched.executor import Executor
+from recserve.sched.tuner import Setting
 from recserve.serve.codec import DATATYPE_OF
 
 # the server refused (overload); UNAVAILABLE is not here: over gRPC it also means "could not connect"
@@ -41,6 +42,13 @@ class InProcessTarget:
 
     async def close(self) -> None:
         pass
+
+
+def apply_setting(executor: Executor, setting: Setting) -> None:
+    """Put a tuner's setting into force on an executor in this process (the server's equivalent is
+    `tuning.HttpControl`)."""
+    executor.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
+                       threads_per_worker=setting.threads_per_worker)
 
 
 class TritonTarget:

@@ -21,7 +21,7 @@ from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError, TierUnavailableError
 from recserve.loadgen.runner import RunSummary, Target, run_load, summarize
 from recserve.loadgen.workload import QueryPool
-from recserve.sched.tuner import Capacity, Setting, TuneResult, hill_climb, max_qps
+from recserve.sched.tuner import Capacity, Setting, TuneResult, max_qps, tune_against_baseline
 
 # p95 latency targets of the DeepRecSys paper, ms; scale them per machine (--target-scale)
 MIN_PROBE_QUERIES = 40
@@ -99,12 +99,9 @@ def capacity(make_target: Callable[[], Target], pool: QueryPool, load: LoadConfi
 
 
 def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], pool: QueryPool, load: LoadConfig,
-         target_ms: float, percentile: float = 95.0, cores: int | None = None, start: Setting | None = None,
+         target_ms: float, percentile: float = 95.0, cores: int | None = None,
          progress: bool = True) -> tuple[TuneResult, Capacity, Measurements]:
     """The baseline's capacity, then the hill climb's; every run recorded."""
-    cores = cores or os.cpu_count() or 1
-    max_items = load.sizes.max_items
-    baseline = Setting(max_items, 1, cores)
     measurements = Measurements()
     guess = [5.0]  # the last capacity found starts the next search near its answer
 
@@ -117,9 +114,5 @@ def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], po
             guess[0] = found.qps
         return found
 
-    baseline_capacity = evaluate(baseline)
-    result = hill_climb(evaluate, start or Setting(min(64, max_items), cores, 1), cores, max_items)
-    result.tried.setdefault(baseline, baseline_capacity)
-    if baseline_capacity.qps > result.best_qps:  # the baseline is a valid answer too
-        result.best, result.best_qps = baseline, baseline_capacity.qps
-    return result, baseline_capacity, measurements
+    result, baseline = tune_against_baseline(evaluate, load.sizes.max_items, cores or os.cpu_count() or 1)
+    return result, baseline, measurements

@@ -140,3 +140,21 @@ def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: i
         current, current_qps = best, best_qps
     result.best, result.best_qps = current, current_qps
     return result
+
+
+def static_baseline(max_items: int, cores: int) -> Setting:
+    """DeepRecSys's static configuration: each query whole, one worker with every core's threads."""
+    return Setting(max_items, 1, cores)
+
+
+def tune_against_baseline(evaluate: Callable[[Setting], Capacity], max_items: int, cores: int, *,
+                          max_steps: int = 8) -> tuple[TuneResult, Capacity]:
+    """The static baseline's capacity, then a climb from many single-threaded workers on small sub-batches; the
+    baseline stays the answer if nothing beat it. Returns (result, the baseline's capacity)."""
+    baseline = static_baseline(max_items, cores)
+    found = evaluate(baseline)
+    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=max_steps)
+    result.tried.setdefault(baseline, found)
+    if found.qps > result.best_qps:  # the baseline is a valid answer too
+        result.best, result.best_qps = baseline, found.qps
+    return result, found

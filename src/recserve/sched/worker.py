@@ -12,6 +12,7 @@ asks for its lookup counters; `None` stops it.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from dataclasses import dataclass
@@ -125,8 +126,7 @@ def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | Non
             done = _run(model, message.task_id, dense, sparse, setup.device)
             del dense, sparse  # views into the mailbox: gone before the next letter may remap it
             if time.monotonic() - counts_sent_at >= COUNTS_EVERY_S:
-                done = SubBatchDone(done.task_id, done.scores, done.compute_s, done.error, done.invalid_input,
-                                    counts=ps.counts())
+                done = dataclasses.replace(done, counts=ps.counts())
                 counts_sent_at = time.monotonic()
             tasks.send(done)
     ps.close()
