@@ -48,8 +48,9 @@ def test_profile_interpolates_and_extrapolates_threads_by_amdahl() -> None:
     assert curve.service_s(200, 1) == pytest.approx(0.010 + 0.009 / 99 * 100)
     # at 100 items: serial 2 ms + parallel 8 ms / k fits both points; 8 threads -> 2 + 1 = 3 ms
     assert curve.service_s(100, 8) == pytest.approx(0.003)
-    measured = profile(lambda b, k: 0.001 * b / k, [1, 10], [1, 2], repeats=3)
+    measured = profile(lambda b, k: [(0.001 * b / k, 0.002)] * 3, [1, 10], [1, 2])
     assert measured.seconds == {1: (0.001, 0.01), 2: (0.0005, 0.005)}
+    assert measured.overhead_s == 0.002
 
 
 def test_simulated_tuning_splits_queries_on_many_cores() -> None:

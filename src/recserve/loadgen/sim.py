@@ -72,19 +72,21 @@ class LatencyProfile:
                 "overhead_s": self.overhead_s}
 
 
-def profile(run_once: Callable[[int, int], float], batch_sizes: list[int], threads: list[int],
-            repeats: int = 5) -> LatencyProfile:
-    """Median service time of each (b, k) by `run_once(b, k)` -> seconds (after one warm-up call)."""
+def profile(measure: Callable[[int, int], list[tuple[float, float]]], batch_sizes: list[int],
+            threads: list[int]) -> LatencyProfile:
+    """A profile from `measure(b, k)` -> [(held, overhead) seconds of each query tried at that point]: the
+    median time a sub-batch of b items holds a worker of k threads, and the median overhead over all points."""
     if not batch_sizes or not threads:
         raise InvalidInputError("profile needs batch sizes and thread counts")
-    seconds = {}
+    seconds: dict[int, list[float]] = {}
+    overheads: list[float] = []
     for k in threads:
-        curve = []
         for b in sorted(batch_sizes):
-            run_once(b, k)
-            curve.append(float(np.median([run_once(b, k) for _ in range(repeats)])))
-        seconds[k] = tuple(curve)
-    return LatencyProfile(tuple(sorted(batch_sizes)), seconds)
+            points = measure(b, k)
+            seconds.setdefault(k, []).append(float(np.median([held for held, _ in points])))
+            overheads.extend(overhead for _, overhead in points)
+    return LatencyProfile(tuple(sorted(batch_sizes)), {k: tuple(v) for k, v in seconds.items()},
+                          overhead_s=float(np.median(overheads)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +157,8 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
     long a sub-batch holds it (dispatch to answer received); the overhead is the median of the rest of each
     query's latency."""
     rng = np.random.default_rng(seed)
-    seconds: dict[int, list[float]] = {}
-    overheads: list[float] = []
 
-    async def one_point(items: int) -> list[tuple[float, float]]:
+    async def queries_at(items: int) -> list[tuple[float, float]]:
         points = []
         for _ in range(queries):
             query = pool.query(items, rng)
@@ -168,18 +168,15 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
             # the worker is held from dispatch until its answer is back (compute and both hand-offs); the rest
             # of the latency (reaching the executor, the event loop's wake-up) holds no worker
             held = result.total_s - result.queue_s
-            points.append((loop.time() - sent - held, held))
+            points.append((held, loop.time() - sent - held))
             await asyncio.sleep(gap_s)
         return points[2:]  # the first after a knob change may meet a cold worker
 
-    for k in threads:
-        for b in sorted(batch_sizes):
-            apply_setting(executor, Setting(b, 1, k))
-            points = asyncio.run(one_point(b))
-            seconds.setdefault(k, []).append(float(np.median([held for _, held in points])))
-            overheads.extend(rest for rest, _ in points)
-    return LatencyProfile(tuple(sorted(batch_sizes)), {k: tuple(v) for k, v in seconds.items()},
-                          overhead_s=float(np.median(overheads)))
+    def measure(items: int, threads: int) -> list[tuple[float, float]]:
+        apply_setting(executor, Setting(items, 1, threads))
+        return asyncio.run(queries_at(items))
+
+    return profile(measure, batch_sizes, threads)
 
 
 def simulated_tune(profile_: LatencyProfile, load: LoadConfig, target_ms: float, cores: int,
