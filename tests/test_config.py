@@ -46,9 +46,12 @@ def test_hps_json_loads_as_is(tmp_path: Path) -> None:
     assert deep.overflow_policy == "evict_lfu" and deep.dram_capacity_rows == 8000
     assert config.ps.rocksdb.path == Path("/tmp/hps_rocks") and config.ps.rocksdb.enabled
     model = config.models[0]
-    assert (model.name, model.tables, model.device_cache_fraction, model.max_batch_size) == (
+    assert (model.name, model.tables, deep.cache_fraction, model.max_batch_size) == (
         "wdl", ["wide", "deep"], 0.5, 1024)
     assert config.update_source.type == "kafka"
+    cache = config.ps.cache
+    assert (cache.enabled, cache.devices, cache.mode) == (True, [0], "dynamic")
+    assert (deep.cache_fraction, deep.cache_hit_rate_threshold) == (0.5, 0.9)
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,16 @@ class TableConfig(StrictModel):
     overflow_policy: OverflowPolicy = Field(
         "evict_lru", description="What the DRAM tier does when this table is full and a new key arrives."
     )
+    rows: int | None = Field(
+        None, gt=0, description="Rows the table holds (or will): sizes its device cache from a fraction."
+    )
+    cache_fraction: float | None = Field(
+        None, ge=0.0, le=1.0, description="Device cache size as a fraction of `rows` (HPS's gpucacheper); None: "
+        "the cache's default fraction, 0: this table is not cached.",
+    )
+    cache_hit_rate_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Overrides the cache's hit_rate_threshold for this table."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> TableConfig:
@@ -87,6 +97,49 @@ class DramTierConfig(StrictModel):
     shm_dir: Path = Field(Path("/dev/shm"), description="Folder of the shared-memory files.")
 
 
+CachePolicy = Literal["lru", "lfu"]
+
+
+class DeviceCacheConfig(StrictModel):
+    """The top tier: a set-associative cache of hot rows in torch tensors, on cuda or cpu (HPS's GPU cache).
+
+    Off by default: on cpu the DRAM tier answers a hit faster than this cache does (benchmarks/bench_cache.py
+    measures both; see the README), so a cpu cache only pays where the tiers below are slow.
+    """
+
+    enabled: bool = Field(False, description="Put the cache in front of the DRAM tier.")
+    mode: Literal["dynamic", "static"] = Field(
+        "dynamic", description="dynamic: hot rows, evicted by `policy`; static: the whole table, never evicted."
+    )
+    fraction: float = Field(
+        0.2, gt=0.0, le=1.0, description="Cache rows as a fraction of each table's rows (HPS's gpucacheper)."
+    )
+    default_rows: int = Field(
+        65_536, gt=0, description="Cache rows of a table whose row count is unknown (no `rows`, no DRAM capacity)."
+    )
+    ways: int = Field(8, ge=1, le=1024, description="Slots per set (associativity).")
+    policy: CachePolicy = Field("lru", description="Which slot of a full set a new row replaces.")
+    devices: list[int | str] = Field(
+        default_factory=lambda: ["cpu"], min_length=1,
+        description="One cache shard per entry: a torch device ('cpu', 'cuda:1'), or a device number, which is "
+        "that CUDA device when CUDA exists and a cpu shard otherwise (so HPS files run anywhere).",
+    )
+    replicate: bool = Field(
+        False, description="Every shard holds the whole cache (HPS's way) instead of a split of keys by hash."
+    )
+    hit_rate_threshold: float = Field(
+        0.9, ge=0.0, le=1.0, description="A batch with at least this hit rate inserts its misses in the "
+        "background; below it, before answering.",
+    )
+    hps_compat_default_on_miss: bool = Field(
+        False, description="HPS's inexact mode: a batch at or over the threshold answers its misses with the "
+        "table's default row and fetches them in the background. Off: misses are always fetched first.",
+    )
+    max_pending_inserts: int = Field(
+        64, gt=0, description="Background insert batches waiting, at most; more are dropped (it is a cache)."
+    )
+
+
 class RocksTierConfig(StrictModel):
     """The persistent tier: RocksDB, one column family per table, the full copy of every table."""
 
@@ -111,6 +164,7 @@ class PSConfig(StrictModel):
     """The hierarchical parameter server: its tables and tiers."""
 
     tables: list[TableConfig] = Field(default_factory=list)
+    cache: DeviceCacheConfig = Field(default_factory=DeviceCacheConfig)
     dram: DramTierConfig = Field(default_factory=DramTierConfig)
     rocksdb: RocksTierConfig = Field(default_factory=RocksTierConfig)
 
@@ -138,10 +192,6 @@ class ModelConfig(StrictModel):
     max_batch_size: int = Field(64, gt=0, description="Items per query the model accepts at most.")
     max_keys_per_table: list[int] | None = Field(None, description="Keys per item per table at most.")
     num_dense_features: int = Field(0, ge=0)
-    device_cache: bool = Field(False, description="Put a device embedding cache in front of the DRAM tier.")
-    device_cache_fraction: float = Field(0.2, ge=0.0, le=1.0, description="Cache size as a fraction of rows.")
-    hit_rate_threshold: float = Field(0.9, ge=0.0, le=1.0)
-    devices: list[int] = Field(default_factory=lambda: [0])
     dense_file: Path | None = None
     sparse_files: list[Path] = Field(default_factory=list, description="Import sources, one per table.")
 
@@ -360,7 +410,11 @@ _HPS_POLICY: dict[str, OverflowPolicy] = {
 
 
 def from_hps(hps: HpsConfig) -> RecserveConfig:
-    """Translate an HPS deployment into our config. Table names are shared across models, as in one PS."""
+    """Translate an HPS deployment into our config. Table names are shared across models, as in one PS.
+
+    HPS sets the GPU cache per model; here it is per table (`cache_fraction`, 0 where `gpucache` is false), and
+    the cache's shards are the union of the models' `deployed_device_list`.
+    """
     vdb, pdb = hps.volatile_db, hps.persistent_db
     if vdb.type == "redis_cluster":
         raise ConfigError("volatile_db.type 'redis_cluster': the Redis tier is not available in this version")
@@ -371,10 +425,12 @@ def from_hps(hps: HpsConfig) -> RecserveConfig:
     for m in hps.models:
         names = m.table_names()
         defaults = m.default_value_for_each_table * (len(names) if len(m.default_value_for_each_table) == 1 else 1)
-        for name, dim, default in zip(names, m.embedding_vecsize_per_table, defaults, strict=True):
+        for name, dim, default, source in zip(names, m.embedding_vecsize_per_table, defaults, m.sparse_files,
+                                              strict=True):
             table = TableConfig(
                 name=name, dim=dim, default_value=default, dram_capacity_rows=capacity,
-                overflow_policy=_HPS_POLICY[vdb.overflow_policy],
+                overflow_policy=_HPS_POLICY[vdb.overflow_policy], rows=_hps_rows(source),
+                cache_fraction=m.gpucacheper if m.gpucache else 0.0, cache_hit_rate_threshold=m.hit_rate_threshold,
             )
             if name in tables and tables[name] != table:
                 raise ConfigError(f"model '{m.model}': table '{name}' is declared again with other settings")
@@ -383,15 +439,20 @@ def from_hps(hps: HpsConfig) -> RecserveConfig:
             ModelConfig(
                 name=m.model, tables=names, max_batch_size=m.max_batch_size,
                 max_keys_per_table=m.maxnum_catfeature_query_per_table_per_sample,
-                num_dense_features=m.maxnum_des_feature_per_sample, device_cache=m.gpucache,
-                device_cache_fraction=m.gpucacheper, hit_rate_threshold=m.hit_rate_threshold,
-                devices=m.deployed_device_list, dense_file=m.dense_file, sparse_files=m.sparse_files,
+                num_dense_features=m.maxnum_des_feature_per_sample, dense_file=m.dense_file,
+                sparse_files=m.sparse_files,
             )
         )
+    devices: list[int | str] = sorted({d for m in hps.models for d in m.deployed_device_list})
     update = hps.update_source
     return RecserveConfig(
         ps=PSConfig(
             tables=list(tables.values()),
+            cache=DeviceCacheConfig(
+                enabled=any(m.gpucache for m in hps.models),
+                mode="static" if any(m.use_static_table for m in hps.models) else "dynamic", devices=devices,
+                replicate=False,
+            ),
             dram=DramTierConfig(
                 enabled=vdb.type != "disabled", num_partitions=vdb.num_partitions,
                 overflow_resolution_target=vdb.overflow_resolution_target,
@@ -408,6 +469,14 @@ def from_hps(hps: HpsConfig) -> RecserveConfig:
             failure_backoff_ms=update.failure_backoff_ms,
         ),
     )
+
+
+def _hps_rows(sparse_folder: Path) -> int | None:
+    """Rows of an HPS sparse model folder: its `key` file holds one int64 per row. None when not readable yet."""
+    try:
+        return (sparse_folder / "key").stat().st_size // 8 or None
+    except OSError:
+        return None
 
 
 # --- loading ------------------------------------------------------------------------------------------------

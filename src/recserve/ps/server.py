@@ -1,9 +1,14 @@
 """HierarchicalPS: exact embedding lookups across tiers, fastest first, as HugeCTR's HPS.
 
 lookup(table, keys):
-    keys --dedupe--> unique keys --tier 0 (DRAM)--> misses --tier 1 (RocksDB)--> misses --> default row
+    keys --dedupe--> unique keys --cache--> misses --DRAM--> misses --RocksDB--> misses --> default row
                                  <--- rows found in a slower tier are promoted into every faster one
     rows[inverse] -> Tensor [len(keys), dim]
+
+The device cache (when configured) takes its promotions as HPS does: a batch whose cache hit rate reaches the
+table's threshold inserts its misses in the background, one below it before answering. Either way the answer
+is exact; only with `hps_compat_default_on_miss` does a batch over the threshold answer its cache misses with
+the default row and fetch them in the background (HPS's behaviour: faster, inexact until the fill lands).
 
 Exact: a key present in any tier returns its row. Writes go to the slowest tier (the full copy) first: a
 crash between tiers can leave a faster tier without the new row (it is then read from below), never with a
@@ -24,6 +29,7 @@ import torch
 
 from recserve.config import PSConfig, TableConfig
 from recserve.errors import InvalidInputError, NotFoundError
+from recserve.ps.cache import CacheTier
 from recserve.ps.keys import as_keys, unique_inverse
 from recserve.ps.tiers import Tier, TierTableStats, check_rows
 from recserve.stats import HistogramSnapshot, LatencyHistogram
@@ -87,18 +93,25 @@ class HierarchicalPS:
             raise InvalidInputError("a parameter server needs at least one tier")
         self.tiers = tiers
         self._tables = {t.name: t for t in tables}
+        # the tiers that hold each table: all of them, less a cache that leaves the table out
+        self._tiers_of = {
+            t.name: [tier for tier in tiers if not isinstance(tier, CacheTier) or tier.caches(t.name)]
+            for t in tables
+        }
         self._defaults = {t.name: t.default_row() for t in tables}
         self._counters = {t.name: self._new_counters() for t in tables}
         self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: PSConfig) -> HierarchicalPS:
-        """DRAM tier in front of RocksDB, as enabled in the config."""
+        """Device cache, DRAM tier, RocksDB, as enabled in the config."""
         from recserve.ps.dram import DramTier
         from recserve.ps.rocks import RocksTier
 
         tiers: list[Tier] = []
         try:
+            if config.cache.enabled:
+                tiers.append(CacheTier.create(config.tables, config.cache, config.dram))
             if config.dram.enabled:
                 tiers.append(DramTier.create(config.tables, config.dram))
             if config.rocksdb.enabled:
@@ -146,13 +159,25 @@ class HierarchicalPS:
         return rows if inverse is None or unique.size == keys.size else rows[inverse]
 
     def _lookup_unique(self, table: str, keys: np.ndarray) -> np.ndarray:
-        counters = self._counters[table]
+        tiers = self._tiers_of[table]
         # taken before any read: a promotion lands only if no write-through began since (else it could put back
         # a row that a concurrent update has just replaced below)
-        tokens = [tier.update_token(table) for tier in self.tiers]
+        tokens = [tier.update_token(table) for tier in tiers]
+        rows, pending = self._read_through(table, keys, tiers, tokens)
+        if pending.size:
+            rows[pending] = self._defaults[table]
+            with self._lock:
+                self._counters[table].not_found += pending.size
+        return rows
+
+    def _read_through(self, table: str, keys: np.ndarray, tiers: list[Tier], tokens: list
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of keys from the fastest tier holding each, and the positions no tier held (their rows: garbage)."""
+        counters = self._counters[table]
         rows: np.ndarray | None = None
         pending = np.arange(keys.size)
-        for level, tier in enumerate(self.tiers):
+        cache_later = False  # the batch hit the cache well enough to fill it off the request's path
+        for level, tier in enumerate(tiers):
             started = time.perf_counter()
             result = tier.lookup(table, keys[pending])
             counters.latency[tier.name].record(time.perf_counter() - started)
@@ -161,39 +186,63 @@ class HierarchicalPS:
                 counters.hits[tier.name] += num_hits
                 counters.misses[tier.name] += pending.size - num_hits
             if rows is None and num_hits == pending.size:
-                return result.rows  # everything in the first tier: no copy
+                return result.rows, pending[:0]  # everything in the first tier: no copy
             if rows is None:
                 rows = np.empty((keys.size, result.rows.shape[1]), dtype=np.float32)
             found_at = pending[result.found]
             rows[found_at] = result.rows[result.found]
             if level > 0 and found_at.size:
-                self._promote(level, table, keys[found_at], rows[found_at], tokens)
+                self._promote(tiers[:level], table, keys[found_at], rows[found_at], tokens, cache_later)
             pending = pending[~result.found]
+            if isinstance(tier, CacheTier):
+                cache_later = num_hits >= tier.hit_rate_threshold(table) * keys.size
+                if cache_later and tier.config.hps_compat_default_on_miss:
+                    self._fill_cache_later(tier, table, keys[pending], tiers[1:], tokens)
+                    rows[pending] = self._defaults[table]
+                    return rows, pending[:0]
             if pending.size == 0:
-                return rows
+                break
         assert rows is not None
-        rows[pending] = self._defaults[table]
-        with self._lock:
-            counters.not_found += pending.size
-        return rows
+        return rows, pending
 
-    def _promote(self, level: int, table: str, keys: np.ndarray, rows: np.ndarray, tokens: list) -> None:
-        for faster, token in zip(self.tiers[:level], tokens, strict=False):
-            faster.insert(table, keys, rows, unless_updated_since=token)
+    def _promote(self, faster: list[Tier], table: str, keys: np.ndarray, rows: np.ndarray, tokens: list,
+                 cache_later: bool) -> None:
+        for tier, token in zip(faster, tokens, strict=False):
+            if cache_later and isinstance(tier, CacheTier):
+                tier.insert_later(table, keys, rows, token)
+            else:
+                tier.insert(table, keys, rows, unless_updated_since=token)
+
+    def _fill_cache_later(self, cache: CacheTier, table: str, keys: np.ndarray, below: list[Tier],
+                          tokens: list) -> None:
+        """HPS's inexact path: fetch the cache's misses from the tiers below in the background, then cache them."""
+        if keys.size == 0 or not below:
+            return
+
+        def fill() -> None:
+            rows, missing = self._read_through(table, keys, below, tokens[1:])
+            found = np.ones(keys.size, dtype=bool)
+            found[missing] = False
+            cache.insert(table, keys[found], np.ascontiguousarray(rows[found]), unless_updated_since=tokens[0])
+
+        cache.run_later(fill)
 
     # --- writes ---
 
     def insert(self, table: str, keys: object, rows: np.ndarray) -> None:
-        """Write rows to every tier, the persistent copy first."""
+        """Write rows to every tier, the persistent copy first (a dynamic cache only refreshes rows it holds)."""
         keys, rows = self._checked_write(table, keys, rows)
         with self._writing_through(table):
-            for tier in reversed(self.tiers):
-                tier.insert(table, keys, rows)
+            for tier in reversed(self._tiers_of[table]):
+                if isinstance(tier, CacheTier):
+                    tier.write(table, keys, rows)
+                else:
+                    tier.insert(table, keys, rows)
 
     def update(self, table: str, keys: object, rows: np.ndarray) -> None:
         """Online update: the full copy takes every row; faster tiers refresh only rows they already hold."""
         keys, rows = self._checked_write(table, keys, rows)
-        *faster, last = self.tiers
+        *faster, last = self._tiers_of[table]
         with self._writing_through(table):
             last.insert(table, keys, rows)
             for tier in reversed(faster):
@@ -222,6 +271,8 @@ class HierarchicalPS:
             for tier in self.tiers:
                 if isinstance(tier, DramTier):
                     tier.evict(table, tier.table(table).held_keys())
+                elif isinstance(tier, CacheTier):
+                    tier.reload(table, keys, rows)
         return count
 
     def bulk_load(
