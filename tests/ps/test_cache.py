@@ -161,6 +161,15 @@ def test_lfu_keeps_frequently_used_rows_that_lru_would_drop() -> None:
     assert sorted(caches["lfu"].held_keys().tolist()) == sorted([hot[0], cold])
 
 
+def test_the_lowest_int64_key_marks_empty_slots_and_is_never_cached() -> None:
+    cache = EmbeddingCache(16, DIM)
+    lowest = torch.iinfo(torch.int64).min
+    assert not cache.query(torch.tensor([lowest]))[1].any()  # an empty slot is no hit
+    cache.insert(torch.tensor([lowest, 5]), torch.ones(2, DIM))
+    assert cache.query(torch.tensor([lowest, 5]))[1].tolist() == [False, True]
+    assert cache.held_keys().tolist() == [5]
+
+
 def test_float16_storage_returns_float32_rounded_rows() -> None:
     cache = EmbeddingCache(16, DIM, dtype=torch.float16)
     rows = torch.randn(5, DIM)

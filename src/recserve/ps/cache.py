@@ -38,6 +38,7 @@ _M1 = -49064778989728563  # splitmix64's multipliers, as signed int64 (torch mul
 _M2 = -4265267296055464877
 _LOW32 = 0xFFFFFFFF
 _TOP = torch.iinfo(torch.int64).max
+EMPTY = torch.iinfo(torch.int64).min  # the key of an empty slot; that one key is never cached (always a miss)
 
 
 def mix(keys: torch.Tensor) -> torch.Tensor:
@@ -115,8 +116,8 @@ class EmbeddingCache:
         self.dim, self.ways, self.policy = dim, min(ways, num_rows), policy
         self.num_sets = -(-num_rows // self.ways)
         shape = (self.num_sets, self.ways)
-        self._keys = torch.zeros(shape, dtype=torch.int64, device=self.device)
-        self._valid = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        self._keys = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
+        self._way_numbers = torch.arange(1, self.ways + 1, dtype=torch.float32, device=self.device)
         self._last_used = torch.zeros(shape, dtype=torch.int64, device=self.device)  # clock at the last touch
         self._uses = torch.zeros(shape, dtype=torch.int64, device=self.device)  # lfu: touches since insertion
         self._rows = torch.zeros((self.num_sets * self.ways, dim), dtype=dtype, device=self.device)
@@ -136,23 +137,42 @@ class EmbeddingCache:
     def query(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows of held keys (zeros elsewhere) and which keys were held; a hit counts as a use."""
         with self._lock:
-            slots, hit = self._find(keys)
-            rows = self._rows[slots].float()
+            hit, slots = self._match(keys)
             num_hits = int(hit.sum())
-            if num_hits < keys.numel():
-                rows[~hit] = 0.0
-            if num_hits:
-                self._touch(slots[hit], self._clock + torch.nonzero(hit).squeeze(1))
+            if num_hits == keys.numel():  # the hot path: one gather straight into the answer
+                positions = torch.arange(keys.numel(), device=self.device)
+                rows = torch.index_select(self._rows, 0, slots).float()
+            else:
+                positions = torch.nonzero(hit).squeeze(1)
+                slots = torch.index_select(slots, 0, positions)
+                rows = torch.zeros((keys.numel(), self.dim), dtype=torch.float32, device=self.device)
+                rows.index_copy_(0, positions, torch.index_select(self._rows, 0, slots).float())
+            self._touch(slots, self._clock + positions)
             self._clock += keys.numel()
             self._count(queries=1, keys=keys.numel(), hits=num_hits)
         return rows, hit
 
-    def _find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat slot, held) per key; the slot of a key not held is meaningless."""
+    def _match(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(held, flat slot) per key; the slot of a key not held is meaningless.
+
+        Few, whole-batch ops, as they are the cost of a hit: index_select rather than advanced indexing (5x
+        faster on cpu), and the matching way as a product with (1..ways), since a key sits in one slot at most."""
         sets = self.sets_of(keys)
-        match = (self._keys[sets] == keys.unsqueeze(1)) & self._valid[sets]
-        way = match.to(torch.uint8).argmax(dim=1)
-        return sets * self.ways + way, match.any(dim=1)
+        match = torch.index_select(self._keys, 0, sets) == keys.unsqueeze(1)
+        way_plus_one = (match.to(torch.float32) @ self._way_numbers).to(torch.int64)
+        way_plus_one.masked_fill_(keys == EMPTY, 0)
+        return way_plus_one > 0, sets * self.ways + (way_plus_one - 1).clamp_(min=0)
+
+    def _find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions in `keys` of the held keys, ascending; their flat slots)."""
+        held, slots = self._match(keys)
+        positions = torch.nonzero(held).squeeze(1)
+        return positions, torch.index_select(slots, 0, positions)
+
+    def _held_mask(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        held = torch.zeros(keys.numel(), dtype=torch.bool, device=self.device)
+        held[positions] = True
+        return held
 
     def _touch(self, slots: torch.Tensor, times: torch.Tensor) -> None:
         self._last_used.view(-1).scatter_reduce_(0, slots, times, reduce="amax")  # repeated keys: the last use
@@ -167,11 +187,11 @@ class EmbeddingCache:
         keys, rows, positions = _last_occurrences(keys, rows)
         with self._lock:
             times = self._clock + positions
-            slots, held = self._find(keys)
-            if bool(held.any()):
-                self._rows[slots[held]] = rows[held].to(self._rows.dtype)
-                self._touch(slots[held], times[held])
-            new = ~held
+            found, slots = self._find(keys)
+            if found.numel():
+                self._rows[slots] = rows[found].to(self._rows.dtype)
+                self._touch(slots, times[found])
+            new = ~self._held_mask(keys, found) & (keys != EMPTY)
             if bool(new.any()):
                 self._place(keys[new], rows[new], times[new])
             self._clock += batch_size
@@ -183,7 +203,7 @@ class EmbeddingCache:
         old_slots = (touched.unsqueeze(1) * ways + torch.arange(ways, device=self.device)).reshape(-1)
         # candidates for each touched set: its `ways` slots, then its new keys
         cand_set = torch.cat([touched.repeat_interleave(ways), sets])
-        cand_valid = torch.cat([self._valid.view(-1)[old_slots], torch.ones_like(sets, dtype=torch.bool)])
+        cand_valid = torch.cat([self._keys.view(-1)[old_slots] != EMPTY, torch.ones_like(sets, dtype=torch.bool)])
         cand_time = torch.cat([self._last_used.view(-1)[old_slots], times])
         cand_uses = torch.cat([self._uses.view(-1)[old_slots], torch.ones_like(sets)])
         # the last new key of each set always gets in (it is the last to replace anything): top priority
@@ -205,10 +225,9 @@ class EmbeddingCache:
         freed = rank[(rank < n_old) & ~kept[rank]]
         entering = rank[(rank >= n_old) & kept[rank]] - n_old
         targets = old_slots[freed]
-        self._counts["evictions"] += int(self._valid.view(-1)[targets].sum())
+        self._counts["evictions"] += int((self._keys.view(-1)[targets] != EMPTY).sum())
         self._counts["inserts"] += targets.numel()
         self._keys.view(-1)[targets] = keys[entering]
-        self._valid.view(-1)[targets] = True
         self._last_used.view(-1)[targets] = times[entering]
         self._uses.view(-1)[targets] = 1
         self._rows[targets] = rows[entering].to(self._rows.dtype)
@@ -217,29 +236,30 @@ class EmbeddingCache:
         """Overwrite the rows of held keys only (a refresh: not a use); returns how many were held."""
         keys, rows, _ = _last_occurrences(keys, rows)
         with self._lock:
-            slots, held = self._find(keys)
-            self._rows[slots[held]] = rows[held].to(self._rows.dtype)
-        return int(held.sum())
+            found, slots = self._find(keys)
+            self._rows[slots] = rows[found].to(self._rows.dtype)
+        return found.numel()
 
     def invalidate(self, keys: torch.Tensor) -> int:
         with self._lock:
-            slots, held = self._find(keys)
-            self._valid.view(-1)[slots[held]] = False
-            count = int(torch.unique(slots[held]).numel())
+            _, slots = self._find(keys)
+            self._keys.view(-1)[slots] = EMPTY
+            count = int(torch.unique(slots).numel())
             self._counts["invalidations"] += count
         return count
 
     def clear(self) -> None:
         with self._lock:
-            self._valid.zero_()
+            self._keys.fill_(EMPTY)
 
     def held_keys(self) -> torch.Tensor:
         with self._lock:
-            return self._keys[self._valid]
+            return self._keys[self._keys != EMPTY]
 
     def stats(self) -> CacheStats:
         with self._lock:
-            return CacheStats(capacity_rows=self.capacity_rows, rows=int(self._valid.sum()), **self._counts)
+            rows = int((self._keys != EMPTY).sum())
+            return CacheStats(capacity_rows=self.capacity_rows, rows=rows, **self._counts)
 
     def _count(self, **amounts: int) -> None:
         for name, amount in amounts.items():
@@ -274,7 +294,7 @@ class StaticCache:
     def query(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
             index, hit = self._find(keys)
-            rows = self._rows[index].float() if self._keys.numel() else torch.zeros(
+            rows = torch.index_select(self._rows, 0, index).float() if self._keys.numel() else torch.zeros(
                 (keys.numel(), self.dim), device=self.device)
             num_hits = int(hit.sum())
             if num_hits < keys.numel():
