@@ -37,6 +37,23 @@ def rows_for(keys: np.ndarray, dim: int, version: int = 0) -> np.ndarray:
     return (keys[:, None] * 1000.0 + version * 10.0 + cols[None, :] / 100.0).astype(np.float32)
 
 
+def replay_against_dict(ps: object, table: str, ops: list, dim: int) -> dict[int, np.ndarray]:
+    """Run (kind, keys) ops on a PS, checking after each that a lookup answers like a dict of the last rows
+    written; kind is insert, update, lookup, or evict (from the PS's first tier). Returns the dict."""
+    reference: dict[int, np.ndarray] = {}
+    for step, (kind, keys) in enumerate(ops):
+        keys_arr = np.asarray(keys, dtype=np.int64)
+        rows = rows_for(keys_arr, dim, version=step)
+        if kind in ("insert", "update"):
+            getattr(ps, kind)(table, keys_arr, rows)
+            reference.update(zip(keys, rows, strict=True))
+        elif kind == "evict":
+            ps.tiers[0].evict(table, np.unique(keys_arr))
+        out = ps.lookup(table, keys_arr).numpy()
+        np.testing.assert_array_equal(out, np.stack([reference.get(k, np.zeros(dim, np.float32)) for k in keys]))
+    return reference
+
+
 @pytest.fixture
 def ps(tmp_path: Path) -> Iterator[HierarchicalPS]:
     """A PS with one 8-dim table 't': DRAM tier of 16 rows in front of RocksDB."""

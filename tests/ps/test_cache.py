@@ -17,7 +17,7 @@ from recserve.config import DeviceCacheConfig, PSConfig
 from recserve.errors import InvalidInputError
 from recserve.ps.cache import CacheTier, EmbeddingCache, ShardedCache, StaticCache
 from recserve.ps.server import HierarchicalPS
-from tests.conftest import make_ps_config, make_table, rows_for
+from tests.conftest import make_ps_config, make_table, replay_against_dict, rows_for
 
 DIM = 4
 
@@ -254,7 +254,7 @@ def cached_ps(store: Path, *, threshold: float, compat: bool = False, mode: str 
 
 
 ps_ops = st.lists(
-    st.tuples(st.sampled_from(["insert", "update", "lookup", "lookup", "evict_cache"]),
+    st.tuples(st.sampled_from(["insert", "update", "lookup", "lookup", "evict"]),
               st.lists(st.integers(0, 31), min_size=1, max_size=12)),
     min_size=1, max_size=25,
 )
@@ -265,19 +265,9 @@ ps_ops = st.lists(
 def test_ps_with_a_cache_behaves_like_a_dict(tmp_path_factory: pytest.TempPathFactory, threshold: float,
                                              shards: int, ops: list) -> None:
     """Sync or background fills, cache evictions, updates: every answer is the last row written."""
-    reference: dict[int, np.ndarray] = {}
     with cached_ps(tmp_path_factory.mktemp("store"), threshold=threshold, shards=shards) as ps:
         assert [tier.name for tier in ps.tiers] == ["cache", "dram", "rocksdb"]
-        for step, (kind, keys) in enumerate(ops):
-            keys_arr = np.asarray(keys, dtype=np.int64)
-            rows = rows_for(keys_arr, DIM, version=step)
-            if kind in ("insert", "update"):
-                getattr(ps, kind)("t", keys_arr, rows)
-                reference.update(zip(keys, rows, strict=True))
-            elif kind == "evict_cache":
-                ps.tiers[0].evict("t", np.unique(keys_arr))
-            out = ps.lookup("t", keys_arr).numpy()
-            np.testing.assert_array_equal(out, np.stack([reference.get(k, np.zeros(DIM, np.float32)) for k in keys]))
+        reference = replay_against_dict(ps, "t", ops, DIM)
         ps.tiers[0].drain()
         held = ps.tiers[0].cache("t").held_keys().numpy()
         got, hit = ps.tiers[0].cache("t").query(torch.from_numpy(held))

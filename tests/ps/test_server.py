@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps.server import HierarchicalPS
-from tests.conftest import make_ps_config, make_table, rows_for
+from tests.conftest import make_ps_config, make_table, replay_against_dict, rows_for
 
 DIM = 8
 
@@ -120,7 +120,7 @@ def test_works_with_only_the_persistent_tier(tmp_path: Path) -> None:
 
 
 write_ops = st.tuples(
-    st.sampled_from(["insert", "update", "lookup", "evict_dram"]),
+    st.sampled_from(["insert", "update", "lookup", "evict"]),
     st.lists(st.integers(0, 30), min_size=1, max_size=12),
 )
 
@@ -131,19 +131,8 @@ def test_ps_behaves_like_a_dict(tmp_path_factory: pytest.TempPathFactory, ops: l
     """Whatever the DRAM tier evicts, the PS answers like a dict of the last rows written."""
     store = tmp_path_factory.mktemp("store")
     config = make_ps_config(store, [make_table(dram_capacity_rows=6)], partitions=2, target=0.5)
-    reference: dict[int, np.ndarray] = {}
     with HierarchicalPS.from_config(config) as ps:
-        for step, (kind, keys) in enumerate(ops):
-            keys_arr = np.asarray(keys, dtype=np.int64)
-            rows = rows_for(keys_arr, DIM, version=step)
-            if kind in ("insert", "update"):
-                getattr(ps, kind)("t", keys_arr, rows)
-                reference.update(zip(keys, rows, strict=True))
-            elif kind == "evict_dram":
-                ps.tiers[0].evict("t", np.unique(keys_arr))
-            out = ps.lookup("t", keys_arr).numpy()
-            expected = np.stack([reference.get(k, np.zeros(DIM, np.float32)) for k in keys])
-            np.testing.assert_array_equal(out, expected)
+        replay_against_dict(ps, "t", ops, DIM)
 
 
 def test_float16_tables_store_half_in_both_tiers_and_return_float32(tmp_path: Path) -> None:
