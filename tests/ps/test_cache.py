@@ -356,3 +356,35 @@ def test_tables_with_a_zero_cache_fraction_skip_the_cache(tmp_path: Path) -> Non
         ps.insert("b", [1], rows_for(np.array([1]), DIM))
         np.testing.assert_array_equal(ps.lookup("b", [1]).numpy(), rows_for(np.array([1]), DIM))
         assert ps.stats().tables["b"].tiers["cache"].hits + ps.stats().tables["b"].tiers["cache"].misses == 0
+
+
+def test_readers_racing_updates_and_background_fills_never_see_a_stale_row_after_the_update(tmp_path: Path) -> None:
+    keys = np.arange(32, dtype=np.int64)
+    versions = 25
+    with cached_ps(tmp_path / "s", threshold=0.0) as ps:  # every fill in the background
+        ps.import_table("t", keys, rows_for(keys, DIM, version=0))
+        done, errors = threading.Event(), []
+
+        def read() -> None:
+            rng = np.random.default_rng(threading.get_ident() % 1000)
+            while not done.is_set():
+                batch = rng.choice(keys, 8, replace=False)
+                out = ps.lookup("t", batch).numpy()
+                version = np.round((out[:, 0] - batch * 1000.0) / 10.0)
+                if not np.isin(version, np.arange(versions + 1)).all():
+                    errors.append(out)  # not a row that was ever written for this key
+
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        for version in range(1, versions + 1):
+            ps.update("t", keys, rows_for(keys, DIM, version=version))
+            np.testing.assert_array_equal(ps.lookup("t", keys).numpy(), rows_for(keys, DIM, version=version))
+        done.set()
+        for reader in readers:
+            reader.join(timeout=60)
+        ps.tiers[0].drain()
+        assert not errors
+        held = ps.tiers[0].cache("t").held_keys().numpy()
+        assert held.size > 0
+        np.testing.assert_array_equal(ps.tiers[0].lookup("t", held).rows, rows_for(held, DIM, version=versions))
