@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--http-port", type=int, default=8000, help="HTTP port (0: any free port)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (0: any free port)")
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body or message, MiB")
+    serve.add_argument("--online-tune", action="store_true",
+                       help="re-tune every model's scheduler on its live traffic when load or p95 drifts")
     serve.set_defaults(run=_run_serve)
 
     repo = commands.add_parser("repo", help="write a model repository of reference models with seeded weights")
@@ -143,7 +145,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     from recserve.serve.app import ServeOptions, run
 
     run(ServeOptions(repo=args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                     max_body_bytes=int(args.max_body_mb * (1 << 20))))
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)), online_tuning=args.online_tune))
     return 0
 
 

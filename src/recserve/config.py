@@ -228,10 +228,23 @@ class SchedulerConfig(StrictModel):
     )
 
 
+class OnlineTuningConfig(StrictModel):
+    """Re-tuning while serving: the live traffic's load and tail are watched window by window; a drift starts
+    a hill climb on the live traffic (sched/online.py)."""
+
+    enabled: bool = Field(False, description="Watch and re-tune this model while serving.")
+    window_s: float = Field(5.0, gt=0.0, description="Seconds of traffic per observation (and per setting tried).")
+    drift: float = Field(0.25, gt=0.0, description="Relative change of load that starts a re-tune.")
+    margin: float = Field(0.1, ge=0.0, lt=1.0, description="Relative drop of the tail that counts as better.")
+    min_queries: int = Field(30, gt=0, description="Fewer queries in a window: no conclusion drawn from it.")
+    percentile: Literal[50.0, 95.0, 99.0] = Field(95.0, description="The tail the tuner watches.")
+
+
 class ServingConfig(StrictModel):
     """How one model of a serving repository is served: `<repo>/<model>/serve.yaml`, next to its checkpoint."""
 
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    online_tuning: OnlineTuningConfig = Field(default_factory=OnlineTuningConfig)
     dram: DramTierConfig = Field(default_factory=DramTierConfig)
     rocksdb: RocksTierConfig = Field(
         default_factory=lambda: RocksTierConfig(enabled=False),

@@ -151,29 +151,32 @@ def simulated_summary(profile_: LatencyProfile, setting: Setting, load: LoadConf
 
 
 def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int], threads: list[int],
-                     queries: int = 12, gap_s: float = 0.02, seed: int = 0) -> LatencyProfile:
-    """Profile a model through its executor: for each (b, k), one worker, queries of exactly b items sent one
-    at a time `gap_s` apart from an event loop, as the load generator sends them. A worker's service time is how
-    long a sub-batch holds it (dispatch to answer received); the overhead is the median of the rest of each
-    query's latency."""
+                     queries: int = 12, gap_s: float = 0.02, seed: int = 0, workers: int = 1) -> LatencyProfile:
+    """Profile a model through its executor: for each (b, k), queries sent one at a time `gap_s` apart from an
+    event loop, as the load generator sends them. A worker's service time is how long a sub-batch holds it
+    (dispatch to answer received); the overhead is the median of the rest of each query's latency.
+
+    `workers` W > 1 profiles under contention: each query is W sub-batches of b items run at once on W workers,
+    so that the time measured is a sub-batch's while W workers share the machine (on 2 cores, the profile of
+    one busy worker is too fast for two)."""
     rng = np.random.default_rng(seed)
 
     async def queries_at(items: int) -> list[tuple[float, float]]:
         points = []
         for _ in range(queries):
-            query = pool.query(items, rng)
+            query = pool.query(items * workers, rng)
             loop = asyncio.get_running_loop()
             sent = loop.time()
             result = await asyncio.wrap_future(executor.submit(query.dense, query.sparse))
-            # the worker is held from dispatch until its answer is back (compute and both hand-offs); the rest
-            # of the latency (reaching the executor, the event loop's wake-up) holds no worker
+            # the workers are held from dispatch until the answers are back (compute and both hand-offs); the
+            # rest of the latency (reaching the executor, the event loop's wake-up) holds no worker
             held = result.total_s - result.queue_s
             points.append((held, loop.time() - sent - held))
             await asyncio.sleep(gap_s)
         return points[2:]  # the first after a knob change may meet a cold worker
 
     def measure(items: int, threads: int) -> list[tuple[float, float]]:
-        apply_setting(executor, Setting(items, 1, threads))
+        apply_setting(executor, Setting(items, workers, threads))
         return asyncio.run(queries_at(items))
 
     return profile(measure, batch_sizes, threads)

@@ -25,6 +25,7 @@ from aiohttp import web
 from recserve.serve.engine import InferenceServer
 from recserve.serve.grpc_server import build_server
 from recserve.serve.http_server import build_app
+from recserve.serve.online_tuning import OnlineTuning
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class ServeOptions:
     http_port: int = 8000
     grpc_port: int = 8001
     max_body_bytes: int = 64 << 20
+    online_tuning: bool = False  # re-tune every model on its live traffic (else as each serve.yaml says)
 
 
 def run(options: ServeOptions) -> None:
@@ -44,7 +46,8 @@ def run(options: ServeOptions) -> None:
 
 
 async def serve(options: ServeOptions) -> None:
-    server = InferenceServer(options.repo)
+    server = InferenceServer(options.repo, options.online_tuning)
+    tuning = OnlineTuning(server)
     runner = web.AppRunner(build_app(server, options.max_body_bytes), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, options.host, options.http_port, backlog=4096)
@@ -66,8 +69,10 @@ async def serve(options: ServeOptions) -> None:
         if loading.done():
             loading.result()  # a model that cannot load stops the server, naming the problem
             print(f"ready: serving {', '.join(sorted(server.models))}", flush=True)
+            tuning.start()
             await stopping
     finally:
+        await asyncio.to_thread(tuning.stop)
         await asyncio.to_thread(lambda: grpc_server.stop(grace=1.0).wait())
         await runner.cleanup()
         with contextlib.suppress(Exception):

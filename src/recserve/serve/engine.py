@@ -29,8 +29,11 @@ from recserve.errors import (
     TierUnavailableError,
 )
 from recserve.sched.executor import QueryResult, ServerError
+from recserve.sched.online import OnlineTuner, WindowRecorder
+from recserve.sched.tuner import Setting
 from recserve.serve.codec import InferRequest
 from recserve.serve.metrics import Metrics
+from recserve.serve.online_tuning import tuner_for
 from recserve.serve.repository import ServedModel, load_model, model_folders
 
 log = logging.getLogger(__name__)
@@ -78,10 +81,14 @@ class _Outcome:
 
 
 class InferenceServer:
-    def __init__(self, repo: Path) -> None:
+    def __init__(self, repo: Path, online_tuning: bool = False) -> None:
         self.repo = repo
         self.models: dict[str, ServedModel] = {}
         self.statistics: dict[str, ModelStatistics] = {}
+        self.online_tuning = online_tuning  # re-tune every model online, whatever its serve.yaml says
+        self.windows: dict[str, WindowRecorder] = {}  # live traffic of the models tuned online
+        self.tuners: dict[str, OnlineTuner] = {}
+        self._tuning_locks: dict[str, threading.Lock] = {}
         self.ready = False
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: dict(self.models))
@@ -97,6 +104,10 @@ class InferenceServer:
             with self._lock:
                 self.models[model.name] = model
                 self.statistics[model.name] = ModelStatistics()
+                if self.online_tuning or model.config.online_tuning.enabled:
+                    self.windows[model.name] = WindowRecorder(model.config.online_tuning.percentile)
+                    self.tuners[model.name] = tuner_for(model)
+                    self._tuning_locks[model.name] = threading.Lock()
             log.info("model %s loaded in %.1f s", model.name, time.perf_counter() - started)
         self.ready = True
 
@@ -169,8 +180,12 @@ class InferenceServer:
         except Exception as error:
             self._record_failure(label, time.perf_counter() - started)
             self.metrics.request(label, protocol, status_of(error)[2])
+            if label in self.windows and status_of(error)[2] == "overloaded":
+                self.windows[label].refused()
             raise
         assert outcome.result is not None
+        if name in self.windows:
+            self.windows[name].answered(time.perf_counter() - started)
         self._record_success(name, outcome.result)
         self.metrics.observe(name, outcome.result)
         self.metrics.request(name, protocol, "ok")
@@ -204,7 +219,16 @@ class InferenceServer:
             "max_queue": knobs.max_queue, "latency_target_ms": model.executor.latency_target_s * 1e3,
             "accelerator_available": model.executor.accelerator_available,
             "queries_outstanding": outstanding, "items_waiting": pending_items,
+            "online_tuning": self.tuners[name].state_dict() if name in self.tuners else None,
         }
+
+    def current_setting(self, name: str) -> Setting:
+        knobs = self.model(name).executor.knobs
+        return Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker)
+
+    def tuning_lock(self, name: str) -> threading.Lock:
+        """Held while the online tuner decides and applies, so a hand-set knob and a tuner's never interleave."""
+        return self._tuning_locks[name]
 
     def set_scheduler(self, name: str, changes: dict[str, object]) -> dict[str, object]:
         """Apply knob changes (blocking: new workers start before this returns)."""
@@ -223,7 +247,13 @@ class InferenceServer:
                 raise InvalidInputError(f"scheduler setting '{key}' must be an integer, got {value!r}")
         if target_ms is not None and (not isinstance(target_ms, int | float) or isinstance(target_ms, bool)):
             raise InvalidInputError(f"latency_target_ms must be a number, got {target_ms!r}")
-        model.executor.set_knobs(latency_target_s=None if target_ms is None else target_ms / 1e3, **changes)
+        if name not in self.tuners:
+            model.executor.set_knobs(latency_target_s=None if target_ms is None else target_ms / 1e3, **changes)
+            return self.scheduler_state(name)
+        with self.tuning_lock(name):  # a hand-set knob: the online tuner starts over from it
+            model.executor.set_knobs(latency_target_s=None if target_ms is None else target_ms / 1e3, **changes)
+            self.tuners[name].target_ms = model.executor.latency_target_s * 1e3
+            self.tuners[name].reset(self.current_setting(name))
         return self.scheduler_state(name)
 
 

@@ -1,0 +1,70 @@
+"""Online re-tuning in the server: a thread per model that asks for it, closing a window of live traffic every
+`window_s`, handing it to the model's `OnlineTuner` and applying its decision through the control API."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from recserve.sched.online import OnlineTuner, WindowRecorder
+from recserve.sched.tuner import Setting
+
+if TYPE_CHECKING:
+    from recserve.serve.engine import InferenceServer
+    from recserve.serve.repository import ServedModel
+
+log = logging.getLogger(__name__)
+
+
+def tuner_for(model: ServedModel) -> OnlineTuner:
+    knobs, online = model.executor.knobs, model.config.online_tuning
+    return OnlineTuner(
+        current=Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker), cores=os.cpu_count() or 1,
+        max_batch=model.config.max_items, target_ms=model.executor.latency_target_s * 1e3, drift=online.drift,
+        margin=online.margin, min_queries=online.min_queries,
+    )
+
+
+class OnlineTuning:
+    """Re-tunes the models whose recorder and tuner the server made; stops with the server."""
+
+    def __init__(self, server: InferenceServer) -> None:
+        self._server = server
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for name in self._server.tuners:
+            thread = threading.Thread(target=self._run, args=(name,), name=f"online-tuning-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _run(self, name: str) -> None:
+        window_s = self._server.models[name].config.online_tuning.window_s
+        while not self._stop.wait(window_s):
+            try:
+                self.step(name)
+            except Exception:  # the tuner must never take the server down; the next window tries again
+                log.exception("online tuning of %s failed", name)
+
+    def step(self, name: str) -> None:
+        recorder: WindowRecorder = self._server.windows[name]
+        window = recorder.take()
+        with self._server.tuning_lock(name):
+            tuner = self._server.tuners[name]
+            decision = tuner.observe(window)
+            if decision.setting is None:
+                return
+            log.info("online tuning of %s: %s", name, decision.reason)
+            if decision.setting != self._server.current_setting(name):
+                s = decision.setting
+                self._server.model(name).executor.set_knobs(
+                    batch_size=s.batch_size, num_workers=s.num_workers, threads_per_worker=s.threads_per_worker)
+        recorder.take()  # the change's transient (workers starting) belongs to no setting's window
