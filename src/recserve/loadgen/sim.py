@@ -16,6 +16,7 @@ memory bandwidth of 64 cores) is not modelled: the simulator answers "what would
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import math
 from collections.abc import Callable
@@ -25,10 +26,11 @@ import numpy as np
 
 from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError
-from recserve.loadgen.runner import RunSummary, Sample, schedule, summarize
-from recserve.loadgen.targets import apply_setting
+from recserve.loadgen.runner import RunSummary, Sample, run_load, schedule, summarize
+from recserve.loadgen.targets import RecordingTarget, apply_setting
 from recserve.loadgen.workload import QueryPool
-from recserve.sched.executor import Executor
+from recserve.sched.executor import Executor, QueryResult
+from recserve.sched.policy import item_ranges
 from recserve.sched.tuner import Capacity, Setting, TuneResult, max_qps, tune_against_baseline
 
 
@@ -39,8 +41,15 @@ class LatencyProfile:
     latency that does not occupy a worker, so it adds to each query's time but not to the queue."""
 
     batch_sizes: tuple[int, ...]  # ascending
-    seconds: dict[int, tuple[float, ...]]  # threads -> service time per batch size
+    seconds: dict[int, tuple[float, ...]]  # threads -> median service time per batch size
     overhead_s: float = 0.0
+    # measured service times over their point's median, pooled: with them the simulator draws each sub-batch's
+    # time as median x one of these (seeded), so that the tail it predicts carries the machine's variability
+    spread: tuple[float, ...] = (1.0,)
+    # a worker idle for longer than idle_s pays wake_s more on its next sub-batch (a process woken from sleep, its
+    # caches cold): measured as the difference between queries sent back to back and queries sent far apart
+    wake_s: float = 0.0
+    idle_s: float = 0.001
 
     def service_s(self, items: int, threads: int) -> float:
         known = sorted(self.seconds)
@@ -69,7 +78,8 @@ class LatencyProfile:
 
     def as_dict(self) -> dict:
         return {"batch_sizes": list(self.batch_sizes), "seconds": {str(k): list(v) for k, v in self.seconds.items()},
-                "overhead_s": self.overhead_s}
+                "overhead_s": self.overhead_s, "wake_s": self.wake_s,
+                "spread_p5_p50_p95": [float(np.percentile(self.spread, q)) for q in (5, 50, 95)]}
 
 
 def profile(measure: Callable[[int, int], list[tuple[float, float]]], batch_sizes: list[int],
@@ -80,13 +90,17 @@ def profile(measure: Callable[[int, int], list[tuple[float, float]]], batch_size
         raise InvalidInputError("profile needs batch sizes and thread counts")
     seconds: dict[int, list[float]] = {}
     overheads: list[float] = []
+    spread: list[float] = []
     for k in threads:
         for b in sorted(batch_sizes):
             points = measure(b, k)
-            seconds.setdefault(k, []).append(float(np.median([held for held, _ in points])))
+            held = [h for h, _ in points]
+            median = float(np.median(held))
+            seconds.setdefault(k, []).append(median)
             overheads.extend(overhead for _, overhead in points)
+            spread.extend(h / median for h in held if median > 0)
     return LatencyProfile(tuple(sorted(batch_sizes)), {k: tuple(v) for k, v in seconds.items()},
-                          overhead_s=float(np.median(overheads)))
+                          overhead_s=float(np.median(overheads)), spread=tuple(sorted(spread)) or (1.0,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +129,8 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
              accelerator: Accelerator | None = None) -> list[Sample]:
     """Per-query samples of the load on W workers (EDF over sub-batches) and the optional accelerator."""
     times, sizes = schedule(load)
+    rng = np.random.default_rng(load.seed)
+    spread = np.asarray(profile_.spread)
     worker_free = [0.0] * setting.num_workers  # when each worker is next idle
     accelerator_free = 0.0
     finish: dict[int, float] = {}
@@ -139,7 +155,9 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
         task = heapq.heappop(ready)
         worker = worker_free.index(next_free)
         start = max(next_free, task.arrival)
-        worker_free[worker] = start + profile_.service_s(task.items, setting.threads_per_worker)
+        wake = profile_.wake_s if start - next_free > profile_.idle_s else 0.0
+        jitter = float(spread[rng.integers(spread.size)]) if spread.size > 1 else 1.0
+        worker_free[worker] = start + wake + profile_.service_s(task.items, setting.threads_per_worker) * jitter
         finish[task.query] = max(finish.get(task.query, 0.0), worker_free[worker])
     return [Sample(float(times[q]), int(sizes[q]), finish[q] - float(times[q]) + profile_.overhead_s, "ok")
             for q in range(len(times))]
@@ -151,17 +169,18 @@ def simulated_summary(profile_: LatencyProfile, setting: Setting, load: LoadConf
 
 
 def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int], threads: list[int],
-                     queries: int = 12, gap_s: float = 0.02, seed: int = 0, workers: int = 1) -> LatencyProfile:
-    """Profile a model through its executor: for each (b, k), queries sent one at a time `gap_s` apart from an
-    event loop, as the load generator sends them. A worker's service time is how long a sub-batch holds it
-    (dispatch to answer received); the overhead is the median of the rest of each query's latency.
+                     queries: int = 12, idle_gap_s: float = 0.05, seed: int = 0, workers: int = 1
+                     ) -> LatencyProfile:
+    """Profile a model through its executor: for each (b, k), queries sent one at a time from an event loop, as
+    the load generator sends them. A worker's service time is how long a sub-batch holds it (dispatch to answer
+    received); the overhead is the median of the rest of each query's latency.
 
-    `workers` W > 1 profiles under contention: each query is W sub-batches of b items run at once on W workers,
-    so that the time measured is a sub-batch's while W workers share the machine (on 2 cores, the profile of
-    one busy worker is too fast for two)."""
+    Service times come from queries sent back to back (a busy server's workers are awake); the same queries
+    `idle_gap_s` apart give the wake-up cost of an idle worker. `workers` W > 1 profiles under contention: each
+    query is W sub-batches of b items at once on W workers (on 2 cores, one busy worker is faster than two)."""
     rng = np.random.default_rng(seed)
 
-    async def queries_at(items: int) -> list[tuple[float, float]]:
+    async def queries_at(items: int, gap_s: float) -> list[tuple[float, float]]:
         points = []
         for _ in range(queries):
             query = pool.query(items * workers, rng)
@@ -175,11 +194,66 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
             await asyncio.sleep(gap_s)
         return points[2:]  # the first after a knob change may meet a cold worker
 
-    def measure(items: int, threads: int) -> list[tuple[float, float]]:
-        apply_setting(executor, Setting(items, workers, threads))
-        return asyncio.run(queries_at(items))
+    def measurer(gap_s: float) -> Callable[[int, int], list[tuple[float, float]]]:
+        def measure(items: int, threads: int) -> list[tuple[float, float]]:
+            apply_setting(executor, Setting(items, workers, threads))
+            return asyncio.run(queries_at(items, gap_s))
 
-    return profile(measure, batch_sizes, threads)
+        return measure
+
+    awake = profile(measurer(0.0), batch_sizes, threads)
+    idle = profile(measurer(idle_gap_s), batch_sizes, threads)
+    wake = [cold - warm for k in threads for cold, warm in zip(idle.seconds[k], awake.seconds[k], strict=True)]
+    return dataclasses.replace(awake, wake_s=max(0.0, float(np.median(wake))))
+
+
+def observed_profile(samples: list[Sample], answers: list[tuple[float, QueryResult]], batch_size: int,
+                     threads: int, bins: int = 6) -> LatencyProfile:
+    """A profile from a measured run itself: every sub-batch's size and the time it held its worker, as medians
+    over `bins` size ranges, with each time's ratio to its median as the spread; the overhead is the median of
+    each query's measured latency less the executor's total (answers matched to samples in order of completion).
+
+    What it leaves to the simulator is the queueing: arrivals, sub-batching, EDF over W workers. On a shared
+    machine whose speed drifts by 2x from one minute to the next, a profile taken minutes before a run measures
+    another machine; one taken from the run is the way to test the model of queueing, not the weather."""
+    ok = sorted((s for s in samples if s.outcome == "ok"), key=lambda s: s.scheduled_s + s.latency_s)
+    answers = sorted(answers, key=lambda answer: answer[0])
+    if not answers or len(ok) != len(answers):
+        raise InvalidInputError(f"{len(answers)} answers for {len(ok)} answered queries: nothing to profile")
+    sizes, held = [], []
+    for _, result in answers:
+        for (start, stop), seconds in zip(item_ranges(result.scores.shape[0], batch_size), result.held_s,
+                                          strict=True):
+            sizes.append(stop - start)
+            held.append(seconds)
+    size_arr, held_arr = np.asarray(sizes), np.asarray(held)
+    edges = np.unique(np.quantile(size_arr, np.linspace(0, 1, bins + 1)).round().astype(int))
+    points: dict[int, float] = {}
+    for i, low in enumerate(edges):
+        high = edges[i + 1] if i + 1 < len(edges) else size_arr.max() + 1
+        in_bin = (size_arr >= low) & (size_arr < high)
+        if in_bin.any():
+            points[int(np.median(size_arr[in_bin]))] = float(np.median(held_arr[in_bin]))
+    batch_sizes = tuple(sorted(points))
+    curve = LatencyProfile(batch_sizes, {threads: tuple(points[b] for b in batch_sizes)})
+    spread = sorted(float(h / curve.service_s(int(b), threads)) for b, h in zip(size_arr, held_arr, strict=True))
+    overhead = np.median([s.latency_s - result.total_s for s, (_, result) in zip(ok, answers, strict=True)])
+    return dataclasses.replace(curve, overhead_s=max(0.0, float(overhead)), spread=tuple(spread))
+
+
+def validate(executor: Executor, pool: QueryPool, setting: Setting, loads: list[LoadConfig]
+             ) -> list[tuple[RunSummary, RunSummary]]:
+    """(measured, simulated) for each load: a run in this process, and the simulation of the same schedule with
+    the run's own observed profile."""
+    apply_setting(executor, setting)
+    pairs = []
+    for load in loads:
+        target = RecordingTarget(executor)
+        samples = asyncio.run(run_load(target, pool, load, progress=False))
+        observed = observed_profile(samples, target.answers, setting.batch_size, setting.threads_per_worker)
+        simulated = simulated_summary(observed, setting, load, executor.latency_target_s)
+        pairs.append((summarize(samples, load), simulated))
+    return pairs
 
 
 def simulated_tune(profile_: LatencyProfile, load: LoadConfig, target_ms: float, cores: int,

@@ -11,7 +11,7 @@ import numpy as np
 from recserve.errors import OverloadedError
 from recserve.loadgen.workload import Query, as_v2_arrays
 from recserve.models.specs import ModelSpec
-from recserve.sched.executor import Executor
+from recserve.sched.executor import Executor, QueryResult
 from recserve.sched.tuner import Setting
 from recserve.serve.codec import DATATYPE_OF
 
@@ -42,6 +42,19 @@ class InProcessTarget:
 
     async def close(self) -> None:
         pass
+
+
+class RecordingTarget(InProcessTarget):
+    """An executor in this process that keeps every answer (the executor's timings) and when it came back, so a
+    run can be compared with a simulation of itself (`sim.observed_profile`)."""
+
+    def __init__(self, executor: Executor) -> None:
+        super().__init__(executor)
+        self.answers: list[tuple[float, QueryResult]] = []  # (loop time at the answer, result)
+
+    async def infer(self, query: Query, timeout_s: float | None) -> None:
+        result = await asyncio.wrap_future(self.executor.submit(query.dense, query.sparse, timeout_s))
+        self.answers.append((asyncio.get_running_loop().time(), result))
 
 
 def apply_setting(executor: Executor, setting: Setting) -> None:

@@ -58,6 +58,7 @@ class QueryResult:
     compute_s: float  # summed worker compute time of the sub-batches
     total_s: float  # arrival -> scores joined
     sub_batches: int
+    held_s: tuple[float, ...] = ()  # per sub-batch, in item order: how long it held its worker (sent -> answer back)
 
 
 @dataclass(eq=False)
@@ -68,6 +69,7 @@ class _Query:
     sparse: SparseBatch
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
     parts: list[np.ndarray | None] = field(default_factory=list)
+    held: list[float] = field(default_factory=list)
     remaining: int = 0
     compute_s: float = 0.0
     first_sent_s: float | None = None
@@ -234,7 +236,7 @@ class Executor:
                 self.rejections["queue_full" if admission.reason.startswith("queue") else "deadline"] += 1
                 raise OverloadedError(f"model '{self.name}': {admission.reason}")
             query = _Query(info, plan, dense, sparse, parts=[None] * len(plan.sub_batches),
-                           remaining=len(plan.sub_batches))
+                           held=[0.0] * len(plan.sub_batches), remaining=len(plan.sub_batches))
             self._outstanding += 1
             self._pending_items += info.num_items
             query.future.add_done_callback(self._answered)
@@ -338,6 +340,7 @@ class Executor:
                     worker.refresh_counts()
                 continue
             query, index = picked
+            sent = self._clock()
             try:
                 done = worker.run(next(self._sequence), self._knobs.threads_per_worker, query.arrays(index))
             except ServerError as error:
@@ -347,7 +350,7 @@ class Executor:
                     break
                 worker = replacement
                 continue
-            self._finish(query, index, done, worker.route)
+            self._finish(query, index, done, worker.route, self._clock() - sent)
         self._retire(worker)
 
     def _next_sub_batch(self, worker: WorkerHandle) -> tuple[_Query, int] | str | None:
@@ -378,7 +381,7 @@ class Executor:
                     query.first_sent_s = now
                 return query, index
 
-    def _finish(self, query: _Query, index: int, done: SubBatchDone, route: Route) -> None:
+    def _finish(self, query: _Query, index: int, done: SubBatchDone, route: Route, held_s: float) -> None:
         if done.scores is None:
             error = InvalidInputError if done.invalid_input else ServerError
             self._fail(query, error(f"model '{self.name}': {done.error}"))
@@ -387,6 +390,7 @@ class Executor:
         with self._cond:
             self._cost[route].observe(stop - start, done.compute_s)
             query.parts[index] = done.scores
+            query.held[index] = held_s
             query.compute_s += done.compute_s
             query.remaining -= 1
             if query.remaining or query.future.done():
@@ -395,7 +399,7 @@ class Executor:
         scores = query.parts[0] if len(query.parts) == 1 else np.concatenate(query.parts)  # type: ignore[arg-type]
         result = QueryResult(
             scores=scores, queue_s=(query.first_sent_s or now) - query.info.arrival_s, compute_s=query.compute_s,
-            total_s=now - query.info.arrival_s, sub_batches=len(query.parts),
+            total_s=now - query.info.arrival_s, sub_batches=len(query.parts), held_s=tuple(query.held),
         )
         _resolve(query.future, result)
 
