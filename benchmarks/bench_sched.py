@@ -9,9 +9,10 @@ is Poisson arrivals of lognormal(5.1, 0.2) items per query (at most 512) with Zi
 schedule for every setting. Capacity = the highest offered QPS whose p95 meets the model's target (the paper's,
 times --target-scale, raised to twice the unloaded baseline's p95 where this machine cannot meet it even
 unloaded, and said so). The baseline is DeepRecSys's static setting (each query whole, one worker with every
-thread); the tuned one is the hill climb's best. `sim16_ratio`: the same tuning on the simulator for a 16-core
-machine, from a latency profile measured here. The last line is one JSON object: `models` (name ->
-{baseline_qps, tuned_qps, ratio, sim16_ratio}).
+thread); the tuned one is the hill climb's best. On the simulator, from a latency profile measured here, the
+same tuning for a 16-core and a 64-core machine (`sim16_*`, `sim64_*`) and for 16 cores plus an accelerator
+(`sim16_accel_*`: a transfer-dominated curve, ACCELERATOR below, and T in the climb). The last line is one JSON
+object: `models` (name -> {baseline_qps, tuned_qps, ratio, sim16_ratio, ...}).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
-from recserve.loadgen.sim import executor_profile, simulated_tune
+from recserve.loadgen.sim import Accelerator, LatencyProfile, executor_profile, simulated_tune
 from recserve.loadgen.targets import InProcessTarget, apply_setting
 from recserve.loadgen.tuning import PAPER_TARGETS_MS, tune
 from recserve.loadgen.workload import QueryPool
@@ -35,6 +36,8 @@ from recserve.sched.tuner import static_baseline
 from recserve.serve.repository import load_model, write_model_folder
 
 MAX_ITEMS = 512
+# a GPU-like curve for a whole query: launch and transfer dominate (2 ms + 4 us per item); illustrative, not measured
+ACCELERATOR = Accelerator(fixed_s=0.002, per_item_s=4e-6)
 
 
 def bench_model(name: str, folder: Path, duration_s: float, target_scale: float) -> dict:
@@ -59,18 +62,27 @@ def bench_model(name: str, folder: Path, duration_s: float, target_scale: float)
                                    progress=False)
         tune_s = time.perf_counter() - started
         curve = executor_profile(served.executor, pool, [1, 16, 64, 256, 512], [1, 2])
-        simulated, simulated_baseline = simulated_tune(curve, load, target_ms, cores=16)
     finally:
         served.close()
     figures = {
         "target_ms": target_ms, "baseline_qps": round(baseline.qps, 1), "tuned_qps": round(result.best_qps, 1),
         "ratio": round(result.best_qps / baseline.qps, 2) if baseline.qps else None, "tuned": str(result.best),
-        "sim16_baseline_qps": round(simulated_baseline.qps, 1), "sim16_tuned_qps": round(simulated.best_qps, 1),
-        "sim16_ratio": round(simulated.best_qps / simulated_baseline.qps, 2) if simulated_baseline.qps else None,
-        "sim16_tuned": str(simulated.best), "tune_s": round(tune_s, 1),
+        "tune_s": round(tune_s, 1),
     }
+    for label, cores, accelerator in (("sim16", 16, None), ("sim64", 64, None), ("sim16_accel", 16, ACCELERATOR)):
+        figures |= simulated_figures(label, curve, load, target_ms, cores, accelerator)
     print(f"{name:<6} {json.dumps(figures)}", flush=True)
     return figures
+
+
+def simulated_figures(label: str, curve: LatencyProfile, load: LoadConfig, target_ms: float, cores: int,
+                      accelerator: Accelerator | None) -> dict:
+    simulated, baseline = simulated_tune(curve, load, target_ms, cores=cores, accelerator=accelerator)
+    return {
+        f"{label}_baseline_qps": round(baseline.qps, 1), f"{label}_tuned_qps": round(simulated.best_qps, 1),
+        f"{label}_ratio": round(simulated.best_qps / baseline.qps, 2) if baseline.qps else None,
+        f"{label}_tuned": str(simulated.best),
+    }
 
 
 def unloaded_p95_ms(apply: object, served: object, pool: QueryPool, load: LoadConfig) -> float:

@@ -37,9 +37,11 @@ def test_sub_batches_run_in_parallel_on_idle_workers() -> None:
 
 
 def test_big_queries_go_to_the_accelerator() -> None:
-    accelerator = Accelerator(threshold=50, fixed_s=0.002, per_item_s=0.0)
-    samples = simulate(FLAT, Setting(100, 1, 1), load(1.0, items=60), 1.0, accelerator)
+    accelerator = Accelerator(fixed_s=0.002, per_item_s=0.0)
+    samples = simulate(FLAT, Setting(100, 1, 1, accelerator_threshold=50), load(1.0, items=60), 1.0, accelerator)
     assert samples[0].latency_s == pytest.approx(0.002)
+    samples = simulate(FLAT, Setting(100, 1, 1, accelerator_threshold=80), load(1.0, items=60), 1.0, accelerator)
+    assert samples[0].latency_s == pytest.approx(0.01)  # under T: the CPU worker
 
 
 def test_profile_interpolates_and_extrapolates_threads_by_amdahl() -> None:
@@ -62,3 +64,15 @@ def test_simulated_tuning_splits_queries_on_many_cores() -> None:
     result, baseline = simulated_tune(curve, config, target_ms=12.0, cores=16)
     assert result.best.num_workers > 1 and result.best.batch_size < 256
     assert result.best_qps > 100 and result.best_qps >= 2 * baseline.qps
+
+
+def test_with_an_accelerator_the_tuner_climbs_over_t_too() -> None:
+    """Big queries are slow on the CPU workers and cheap on the accelerator: the tuner offloads them."""
+    curve = LatencyProfile((1, 256), {1: (0.001, 0.05), 2: (0.001, 0.045)})
+    accelerator = Accelerator(fixed_s=0.003, per_item_s=0.00001)
+    config = LoadConfig(duration_s=5.0, arrivals=ArrivalProcess(qps=10.0),
+                        sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=256))
+    result, baseline = simulated_tune(curve, config, target_ms=20.0, cores=4, accelerator=accelerator)
+    assert result.best.accelerator_threshold is not None
+    assert any(s.accelerator_threshold is not None for s in result.tried)
+    assert result.best_qps > 2 * baseline.qps

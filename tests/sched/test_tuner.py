@@ -78,3 +78,12 @@ def test_hill_climb_stops_on_a_plateau() -> None:
 
     result = hill_climb(flat, Setting(64, 1, 2), cores=2, max_batch=512)
     assert result.best == Setting(64, 1, 2) and len(calls) <= 4
+
+
+def test_neighbours_move_t_only_with_an_accelerator() -> None:
+    start = Setting(64, 2, 1)
+    assert all(s.accelerator_threshold is None for s in neighbours(start, 2, 512))
+    with_t = neighbours(start, 2, 512, accelerator=True)
+    assert Setting(64, 2, 1, accelerator_threshold=256) in with_t
+    assert set(neighbours(Setting(64, 2, 1, 512), 2, 512, accelerator=True)) >= {
+        Setting(64, 2, 1, 256), Setting(64, 2, 1, None)}  # doubled past the largest query: off

@@ -39,6 +39,7 @@ class Connected:
     spec: ModelSpec
     make_target: Callable[[], Target]
     apply: Callable[[Setting], None]
+    accelerator: bool = False  # the model has an accelerator worker: T is worth tuning
 
 
 @contextmanager
@@ -49,7 +50,7 @@ def connect(endpoint: Endpoint, model: str) -> Iterator[Connected]:
         served = load_model(endpoint.repo / model)
         try:
             yield Connected(served.signature.spec, lambda: InProcessTarget(served.executor),
-                            functools.partial(apply_setting, served.executor))
+                            functools.partial(apply_setting, served.executor), served.executor.accelerator_available)
         finally:
             served.close()
         return
@@ -61,8 +62,9 @@ def connect(endpoint: Endpoint, model: str) -> Iterator[Connected]:
     def no_control(setting: Setting) -> None:
         raise InvalidInputError("tuning needs --http: the knobs are set through its scheduler endpoint")
 
-    apply = HttpControl(endpoint.http, model).apply if endpoint.http else no_control
-    yield Connected(spec, lambda: TritonTarget(address, model, spec, protocol), apply)  # type: ignore[arg-type]
+    control = HttpControl(endpoint.http, model) if endpoint.http else None
+    yield Connected(spec, lambda: TritonTarget(address, model, spec, protocol),  # type: ignore[arg-type]
+                    control.apply if control else no_control, control.accelerator_available() if control else False)
 
 
 def bench(endpoint: Endpoint, load: LoadConfig, out: Path, progress: bool = True) -> dict:
@@ -90,7 +92,8 @@ def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float |
     with connect(endpoint, load.model) as connected:
         pool = QueryPool(connected.spec, load.sizes.max_items, load.zipf_alpha, load.seed)
         result, baseline, measurements = tune(connected.apply, connected.make_target, pool, load, target_ms,
-                                              percentile, os.cpu_count(), progress=progress)
+                                              percentile, os.cpu_count(), progress=progress,
+                                              accelerator=connected.accelerator)
         connected.apply(result.best)  # leave the server on the best setting found
     baseline_setting = static_baseline(load.sizes.max_items, os.cpu_count() or 1)
     print(f"p{percentile:g} target {target_ms:g} ms; capacity (queries/s) of every setting tried:")

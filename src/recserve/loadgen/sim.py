@@ -106,9 +106,8 @@ def profile(measure: Callable[[int, int], list[tuple[float, float]]], batch_size
 @dataclass(frozen=True, slots=True)
 class Accelerator:
     """An accelerator's latency for a whole query of n items: fixed + per_item x n (a transfer-dominated
-    curve), and the threshold T at and above which queries go to it."""
+    curve). Which queries go to it is the setting's T."""
 
-    threshold: int
     fixed_s: float
     per_item_s: float
 
@@ -143,7 +142,8 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
         if events and (not ready or events[0][0] <= next_free):
             now, _, q = heapq.heappop(events)
             items = int(sizes[q])
-            if accelerator is not None and items >= accelerator.threshold:
+            threshold = setting.accelerator_threshold
+            if accelerator is not None and threshold is not None and items >= threshold:
                 start = max(now, accelerator_free)
                 accelerator_free = start + accelerator.service_s(items)
                 finish[q] = accelerator_free
@@ -268,4 +268,5 @@ def simulated_tune(profile_: LatencyProfile, load: LoadConfig, target_ms: float,
 
         return max_qps(measure, target_ms, start_qps=10.0, max_probes=24, rel_tol=0.05)
 
-    return tune_against_baseline(evaluate, load.sizes.max_items, cores, max_steps=16)
+    return tune_against_baseline(evaluate, load.sizes.max_items, cores, max_steps=16,
+                                 accelerator=accelerator is not None)

@@ -61,7 +61,8 @@ def apply_setting(executor: Executor, setting: Setting) -> None:
     """Put a tuner's setting into force on an executor in this process (the server's equivalent is
     `tuning.HttpControl`)."""
     executor.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
-                       threads_per_worker=setting.threads_per_worker)
+                       threads_per_worker=setting.threads_per_worker,
+                       accelerator_threshold=setting.accelerator_threshold)
 
 
 class TritonTarget:

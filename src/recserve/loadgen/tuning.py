@@ -45,14 +45,21 @@ class HttpControl:
     def __init__(self, http_address: str, model: str) -> None:
         self.url = f"http://{http_address}/v2/models/{model}/scheduler"
 
+    def accelerator_available(self) -> bool:
+        return bool(self._call(urllib.request.Request(self.url), timeout_s=60).get("accelerator_available"))
+
     def apply(self, setting: Setting) -> None:
         body = json.dumps({"batch_size": setting.batch_size, "num_workers": setting.num_workers,
-                           "threads_per_worker": setting.threads_per_worker}).encode()
-        request = urllib.request.Request(self.url, data=body, method="POST",
-                                         headers={"Content-Type": "application/json"})
+                           "threads_per_worker": setting.threads_per_worker,
+                           "accelerator_threshold": setting.accelerator_threshold}).encode()
+        self._call(urllib.request.Request(self.url, data=body, method="POST",
+                                          headers={"Content-Type": "application/json"}), timeout_s=600)
+
+    def _call(self, request: urllib.request.Request, timeout_s: float) -> dict:
+        """The endpoint's JSON answer; a refusal names the server's reason, a dead server says so."""
         try:
-            with urllib.request.urlopen(request, timeout=600) as response:
-                response.read()
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return json.loads(response.read())
         except urllib.error.HTTPError as error:
             raise InvalidInputError(f"{self.url}: {error.code} {error.read().decode(errors='replace')}") from None
         except OSError as error:
@@ -100,7 +107,7 @@ def capacity(make_target: Callable[[], Target], pool: QueryPool, load: LoadConfi
 
 def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], pool: QueryPool, load: LoadConfig,
          target_ms: float, percentile: float = 95.0, cores: int | None = None,
-         progress: bool = True) -> tuple[TuneResult, Capacity, Measurements]:
+         progress: bool = True, accelerator: bool = False) -> tuple[TuneResult, Capacity, Measurements]:
     """The baseline's capacity, then the hill climb's; every run recorded."""
     measurements = Measurements()
     guess = [5.0]  # the last capacity found starts the next search near its answer
@@ -114,5 +121,6 @@ def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], po
             guess[0] = found.qps
         return found
 
-    result, baseline = tune_against_baseline(evaluate, load.sizes.max_items, cores or os.cpu_count() or 1)
+    result, baseline = tune_against_baseline(evaluate, load.sizes.max_items, cores or os.cpu_count() or 1,
+                                             accelerator=accelerator)
     return result, baseline, measurements

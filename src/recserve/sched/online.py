@@ -89,6 +89,7 @@ class OnlineTuner:
     margin: float = 0.1  # relative drop of the tail that counts as better (below it is noise)
     min_queries: int = 30  # fewer queries in a window: no conclusion
     max_moves: int = 6  # moves per re-tune, at most
+    accelerator: bool = False  # T is a knob too
     state: Literal["warming", "steady", "exploring"] = "warming"
     tuned_qps: float = 0.0  # the load the current setting was chosen for
     history: list[tuple[float, str]] = field(default_factory=list)  # (load, reason) of every decision
@@ -129,7 +130,7 @@ class OnlineTuner:
         self.state, self._moves, self._scores, self._stuck_over = "exploring", 0, {}, False
         self._baseline = window
         self._scores[self.current] = window.score_ms
-        self._candidates = neighbours(self.current, self.cores, self.max_batch)
+        self._candidates = neighbours(self.current, self.cores, self.max_batch, self.accelerator)
         return self._next(f"re-tuning ({why})", window.qps)
 
     def _next(self, why: str, qps: float) -> Decision:
@@ -143,7 +144,7 @@ class OnlineTuner:
         better = self._scores[best] < self._scores[self.current] * (1 - self.margin)
         if better and self._moves < self.max_moves:  # climb: the neighbours of the new best
             self.current, self._moves = best, self._moves + 1
-            self._candidates = neighbours(best, self.cores, self.max_batch)
+            self._candidates = neighbours(best, self.cores, self.max_batch, self.accelerator)
             return self._next(f"moved to {best}", qps)
         self.state, self.tuned_qps, self._trying = "steady", qps, None
         self._stuck_over = self._scores[self.current] > self.target_ms
@@ -154,7 +155,7 @@ class OnlineTuner:
         if self._baseline is not None and self._moved(window.qps, self._baseline.qps):
             # the load moved under the comparison: judge nothing from this window, re-measure the current setting
             self._baseline, self._scores, self._trying = None, {}, self.current
-            self._candidates = neighbours(self.current, self.cores, self.max_batch)
+            self._candidates = neighbours(self.current, self.cores, self.max_batch, self.accelerator)
             return self._decide(self.current, f"load moved to {window.qps:.1f} qps: re-measuring {self.current}",
                                 window.qps)
         if self._baseline is None:

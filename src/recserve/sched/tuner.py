@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from recserve.errors import InvalidInputError
 
@@ -24,9 +24,11 @@ class Setting:
     batch_size: int  # B
     num_workers: int  # W
     threads_per_worker: int  # k
+    accelerator_threshold: int | None = None  # T: queries of >= T items go whole to the accelerator; None: never
 
     def __str__(self) -> str:
-        return f"B={self.batch_size} W={self.num_workers} k={self.threads_per_worker}"
+        offload = "" if self.accelerator_threshold is None else f" T={self.accelerator_threshold}"
+        return f"B={self.batch_size} W={self.num_workers} k={self.threads_per_worker}{offload}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,20 +105,25 @@ def max_qps(measure: Callable[[float], float], target_ms: float, start_qps: floa
     return Capacity(low, tuple(probes))
 
 
-def neighbours(setting: Setting, cores: int, max_batch: int) -> list[Setting]:
-    """B halved or doubled; one worker more or fewer with the cores re-split (W x k <= cores)."""
+def neighbours(setting: Setting, cores: int, max_batch: int, accelerator: bool = False) -> list[Setting]:
+    """B halved or doubled; one worker more or fewer with the cores re-split (W x k <= cores); with an
+    accelerator, T halved or doubled (off past the largest query; from off, half the largest)."""
     out = []
     for batch in (setting.batch_size // 2, setting.batch_size * 2):
         if 1 <= batch <= max_batch:
-            out.append(Setting(batch, setting.num_workers, setting.threads_per_worker))
+            out.append(replace(setting, batch_size=batch))
     for workers in (setting.num_workers - 1, setting.num_workers + 1):
         if 1 <= workers <= cores:
-            out.append(Setting(setting.batch_size, workers, max(1, cores // workers)))
+            out.append(replace(setting, num_workers=workers, threads_per_worker=max(1, cores // workers)))
+    if accelerator:
+        threshold = setting.accelerator_threshold
+        options = [max(1, max_batch // 2)] if threshold is None else [threshold // 2, threshold * 2]
+        out.extend(replace(setting, accelerator_threshold=t if t <= max_batch else None) for t in options if t >= 1)
     return [s for s in out if s != setting]
 
 
 def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: int, max_batch: int, *,
-               min_gain: float = 0.05, max_steps: int = 8) -> TuneResult:
+               min_gain: float = 0.05, max_steps: int = 8, accelerator: bool = False) -> TuneResult:
     """Climb from `start` to the neighbour with the highest capacity until none gains more than min_gain."""
     result = TuneResult(best=start, best_qps=0.0)
 
@@ -127,7 +134,7 @@ def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: i
 
     current, current_qps = start, capacity(start)
     for _ in range(max_steps):
-        scored = sorted(((capacity(s), s) for s in neighbours(current, cores, max_batch)),
+        scored = sorted(((capacity(s), s) for s in neighbours(current, cores, max_batch, accelerator)),
                         key=lambda pair: pair[0], reverse=True)
         if not scored:
             break
@@ -148,12 +155,14 @@ def static_baseline(max_items: int, cores: int) -> Setting:
 
 
 def tune_against_baseline(evaluate: Callable[[Setting], Capacity], max_items: int, cores: int, *,
-                          max_steps: int = 8) -> tuple[TuneResult, Capacity]:
-    """The static baseline's capacity, then a climb from many single-threaded workers on small sub-batches; the
-    baseline stays the answer if nothing beat it. Returns (result, the baseline's capacity)."""
+                          max_steps: int = 8, accelerator: bool = False) -> tuple[TuneResult, Capacity]:
+    """The static baseline's capacity, then a climb from many single-threaded workers on small sub-batches (and,
+    with an accelerator, over T too); the baseline stays the answer if nothing beat it. Returns (result, the
+    baseline's capacity)."""
     baseline = static_baseline(max_items, cores)
     found = evaluate(baseline)
-    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=max_steps)
+    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=max_steps,
+                        accelerator=accelerator)
     result.tried.setdefault(baseline, found)
     if found.qps > result.best_qps:  # the baseline is a valid answer too
         result.best, result.best_qps = baseline, found.qps

@@ -224,7 +224,7 @@ class InferenceServer:
 
     def current_setting(self, name: str) -> Setting:
         knobs = self.model(name).executor.knobs
-        return Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker)
+        return Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker, knobs.accelerator_threshold)
 
     def tuning_lock(self, name: str) -> threading.Lock:
         """Held while the online tuner decides and applies, so a hand-set knob and a tuner's never interleave."""

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 def tuner_for(model: ServedModel) -> OnlineTuner:
     knobs, online = model.executor.knobs, model.config.online_tuning
     return OnlineTuner(
-        current=Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker), cores=os.cpu_count() or 1,
+        current=Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker, knobs.accelerator_threshold),
+        cores=os.cpu_count() or 1, accelerator=model.executor.accelerator_available,
         max_batch=model.config.max_items, target_ms=model.executor.latency_target_s * 1e3, drift=online.drift,
         margin=online.margin, min_queries=online.min_queries,
     )
@@ -66,5 +67,6 @@ class OnlineTuning:
             if decision.setting != self._server.current_setting(name):
                 s = decision.setting
                 self._server.model(name).executor.set_knobs(
-                    batch_size=s.batch_size, num_workers=s.num_workers, threads_per_worker=s.threads_per_worker)
+                    batch_size=s.batch_size, num_workers=s.num_workers, threads_per_worker=s.threads_per_worker,
+                    accelerator_threshold=s.accelerator_threshold)
         recorder.take()  # the change's transient (workers starting) belongs to no setting's window
