@@ -3,6 +3,7 @@
     python benchmarks/bench_sched.py                     # 2 s per load probe
     python benchmarks/bench_sched.py --quick             # 1 s per probe
     python benchmarks/bench_sched.py --models rmc1,ncf --target-scale 2
+    python benchmarks/bench_sched.py --sim-only          # only the simulated machines (profiles, no tuning)
 
 Each model (`tiny` tables, all in the DRAM tier) is loaded in this process with its worker processes; the load
 is Poisson arrivals of lognormal(5.1, 0.2) items per query (at most 512) with Zipf(1.05) keys, the same seeded
@@ -40,7 +41,7 @@ MAX_ITEMS = 512
 ACCELERATOR = Accelerator(fixed_s=0.002, per_item_s=4e-6)
 
 
-def bench_model(name: str, folder: Path, duration_s: float, target_scale: float) -> dict:
+def bench_model(name: str, folder: Path, duration_s: float, target_scale: float, measure: bool = True) -> dict:
     write_model_folder(folder, name, "tiny", seed=0, serving={
         "scheduler": {"latency_target_ms": 60_000, "max_queue": 100_000}, "max_items": MAX_ITEMS})
     served = load_model(folder)
@@ -57,18 +58,19 @@ def bench_model(name: str, folder: Path, duration_s: float, target_scale: float)
             print(f"{name}: target {target_ms:g} ms < 2 x the unloaded baseline p95; using {floor_ms:.1f} ms")
             target_ms = floor_ms
 
-        started = time.perf_counter()
-        result, baseline, _ = tune(apply, lambda: InProcessTarget(served.executor), pool, load, target_ms,
-                                   progress=False)
-        tune_s = time.perf_counter() - started
+        figures: dict = {"target_ms": target_ms}
+        if measure:
+            started = time.perf_counter()
+            result, baseline, _ = tune(apply, lambda: InProcessTarget(served.executor), pool, load, target_ms,
+                                       progress=False)
+            figures |= {
+                "baseline_qps": round(baseline.qps, 1), "tuned_qps": round(result.best_qps, 1),
+                "ratio": round(result.best_qps / baseline.qps, 2) if baseline.qps else None,
+                "tuned": str(result.best), "tune_s": round(time.perf_counter() - started, 1),
+            }
         curve = executor_profile(served.executor, pool, [1, 16, 64, 256, 512], [1, 2])
     finally:
         served.close()
-    figures = {
-        "target_ms": target_ms, "baseline_qps": round(baseline.qps, 1), "tuned_qps": round(result.best_qps, 1),
-        "ratio": round(result.best_qps / baseline.qps, 2) if baseline.qps else None, "tuned": str(result.best),
-        "tune_s": round(tune_s, 1),
-    }
     for label, cores, accelerator in (("sim16", 16, None), ("sim64", 64, None), ("sim16_accel", 16, ACCELERATOR)):
         figures |= simulated_figures(label, curve, load, target_ms, cores, accelerator)
     print(f"{name:<6} {json.dumps(figures)}", flush=True)
@@ -101,12 +103,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default=",".join(MODEL_NAMES))
     parser.add_argument("--target-scale", type=float, default=1.0)
+    parser.add_argument("--sim-only", action="store_true", help="profile and simulate; skip the measured tuning")
     args = parser.parse_args()
     duration_s = 1.0 if args.quick else 2.0
     models = {}
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as scratch:
         for name in args.models.split(","):
-            models[name] = bench_model(name, Path(scratch) / name, duration_s, args.target_scale)
+            models[name] = bench_model(name, Path(scratch) / name, duration_s, args.target_scale, not args.sim_only)
     print(json.dumps({"models": models, "cores": os.cpu_count(), "probe_s": duration_s,
                       "target_scale": args.target_scale}))
 

@@ -76,3 +76,13 @@ def test_with_an_accelerator_the_tuner_climbs_over_t_too() -> None:
     assert result.best.accelerator_threshold is not None
     assert any(s.accelerator_threshold is not None for s in result.tried)
     assert result.best_qps > 2 * baseline.qps
+
+
+def test_an_idle_worker_pays_its_wake_up_in_proportion_to_the_idle_time() -> None:
+    waking = LatencyProfile((1, 1000), {1: (0.01, 0.01)}, wake_s=0.004, idle_s=0.05)
+    apart = simulate(waking, Setting(100, 1, 1), load(10.0), target_s=1.0)  # 90 ms idle before each
+    assert [round(s.latency_s, 4) for s in apart[1:3]] == [0.014, 0.014]
+    close = simulate(waking, Setting(100, 1, 1), load(80.0), target_s=1.0)  # 2.5 ms idle: 5% of the cost
+    assert close[1].latency_s == pytest.approx(0.01 + 0.004 * 0.0025 / 0.05)
+    busy = simulate(waking, Setting(100, 1, 1), load(200.0), target_s=1.0)  # never idle: no wake-up
+    assert busy[5].latency_s == pytest.approx(6 * 0.01 - 5 / 200)

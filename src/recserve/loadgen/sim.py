@@ -46,10 +46,11 @@ class LatencyProfile:
     # measured service times over their point's median, pooled: with them the simulator draws each sub-batch's
     # time as median x one of these (seeded), so that the tail it predicts carries the machine's variability
     spread: tuple[float, ...] = (1.0,)
-    # a worker idle for longer than idle_s pays wake_s more on its next sub-batch (a process woken from sleep, its
-    # caches cold): measured as the difference between queries sent back to back and queries sent far apart
+    # a worker that was idle pays up to wake_s more on its next sub-batch (a process woken from sleep, its caches
+    # cold), in proportion to how long it idled, in full after idle_s: measured as the difference between
+    # queries sent back to back and queries sent idle_s apart
     wake_s: float = 0.0
-    idle_s: float = 0.001
+    idle_s: float = 0.05
 
     def service_s(self, items: int, threads: int) -> float:
         known = sorted(self.seconds)
@@ -155,7 +156,7 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
         task = heapq.heappop(ready)
         worker = worker_free.index(next_free)
         start = max(next_free, task.arrival)
-        wake = profile_.wake_s if start - next_free > profile_.idle_s else 0.0
+        wake = profile_.wake_s * min(1.0, (start - next_free) / profile_.idle_s)
         jitter = float(spread[rng.integers(spread.size)]) if spread.size > 1 else 1.0
         worker_free[worker] = start + wake + profile_.service_s(task.items, setting.threads_per_worker) * jitter
         finish[task.query] = max(finish.get(task.query, 0.0), worker_free[worker])
@@ -204,7 +205,7 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
     awake = profile(measurer(0.0), batch_sizes, threads)
     idle = profile(measurer(idle_gap_s), batch_sizes, threads)
     wake = [cold - warm for k in threads for cold, warm in zip(idle.seconds[k], awake.seconds[k], strict=True)]
-    return dataclasses.replace(awake, wake_s=max(0.0, float(np.median(wake))))
+    return dataclasses.replace(awake, wake_s=max(0.0, float(np.median(wake))), idle_s=idle_gap_s)
 
 
 def observed_profile(samples: list[Sample], answers: list[tuple[float, QueryResult]], batch_size: int,
