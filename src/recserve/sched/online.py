@@ -24,6 +24,8 @@ import numpy as np
 
 from recserve.sched.tuner import Setting, neighbours
 
+HISTORY = 200  # decisions kept
+
 
 @dataclass(frozen=True, slots=True)
 class Window:
@@ -168,4 +170,5 @@ class OnlineTuner:
 
     def _decide(self, setting: Setting, reason: str, qps: float) -> Decision:
         self.history.append((qps, reason))
+        del self.history[:-HISTORY]  # a server runs for months: keep the recent decisions only
         return Decision(setting, reason)
