@@ -107,7 +107,7 @@ def max_qps(measure: Callable[[float], float], target_ms: float, start_qps: floa
 
 def neighbours(setting: Setting, cores: int, max_batch: int, accelerator: bool = False) -> list[Setting]:
     """B halved or doubled; one worker more or fewer with the cores re-split (W x k <= cores); with an
-    accelerator, T halved or doubled (off past the largest query; from off, half the largest)."""
+    accelerator, T halved or doubled (off past the largest query; from off, a quarter or half of the largest)."""
     out = []
     for batch in (setting.batch_size // 2, setting.batch_size * 2):
         if 1 <= batch <= max_batch:
@@ -117,7 +117,10 @@ def neighbours(setting: Setting, cores: int, max_batch: int, accelerator: bool =
             out.append(replace(setting, num_workers=workers, threads_per_worker=max(1, cores // workers)))
     if accelerator:
         threshold = setting.accelerator_threshold
-        options = [max(1, max_batch // 2)] if threshold is None else [threshold // 2, threshold * 2]
+        # from off, a quarter and a half of the largest query: offloading only the rare biggest queries gains
+        # too little for the climb to take the step that leads on to a useful T
+        options = [max(1, max_batch // 4), max(1, max_batch // 2)] if threshold is None else [
+            threshold // 2, threshold * 2]
         out.extend(replace(setting, accelerator_threshold=t if t <= max_batch else None) for t in options if t >= 1)
     return [s for s in out if s != setting]
 
