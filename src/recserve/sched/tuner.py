@@ -126,9 +126,11 @@ def neighbours(setting: Setting, cores: int, max_batch: int, accelerator: bool =
 
 
 def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: int, max_batch: int, *,
-               min_gain: float = 0.05, max_steps: int = 8, accelerator: bool = False) -> TuneResult:
-    """Climb from `start` to the neighbour with the highest capacity until none gains more than min_gain."""
-    result = TuneResult(best=start, best_qps=0.0)
+               min_gain: float = 0.05, max_steps: int = 8, accelerator: bool = False,
+               tried: dict[Setting, Capacity] | None = None) -> TuneResult:
+    """Climb from `start` to the neighbour with the highest capacity until none gains more than min_gain.
+    `tried`: capacities already measured (not measured again)."""
+    result = TuneResult(best=start, best_qps=0.0, tried=dict(tried or {}))
 
     def capacity(setting: Setting) -> float:
         if setting not in result.tried:
@@ -160,12 +162,14 @@ def static_baseline(max_items: int, cores: int) -> Setting:
 def tune_against_baseline(evaluate: Callable[[Setting], Capacity], max_items: int, cores: int, *,
                           max_steps: int = 8, accelerator: bool = False) -> tuple[TuneResult, Capacity]:
     """The static baseline's capacity, then a climb from many single-threaded workers on small sub-batches (and,
-    with an accelerator, over T too); the baseline stays the answer if nothing beat it. Returns (result, the
-    baseline's capacity)."""
+    with an accelerator, a second climb over T too from the first one's best); the baseline stays the answer if
+    nothing beat it. Returns (result, the baseline's capacity)."""
     baseline = static_baseline(max_items, cores)
     found = evaluate(baseline)
-    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=max_steps,
-                        accelerator=accelerator)
+    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=max_steps)
+    if accelerator:  # then T (and the rest) from the CPU-only best: an accelerator can only add to it
+        result = hill_climb(evaluate, result.best, cores, max_items, max_steps=max_steps, accelerator=True,
+                            tried=result.tried)
     result.tried.setdefault(baseline, found)
     if found.qps > result.best_qps:  # the baseline is a valid answer too
         result.best, result.best_qps = baseline, found.qps
