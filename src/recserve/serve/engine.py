@@ -247,13 +247,11 @@ class InferenceServer:
                 raise InvalidInputError(f"scheduler setting '{key}' must be an integer, got {value!r}")
         if target_ms is not None and (not isinstance(target_ms, int | float) or isinstance(target_ms, bool)):
             raise InvalidInputError(f"latency_target_ms must be a number, got {target_ms!r}")
-        if name not in self.tuners:
+        with self._tuning_locks.get(name) or contextlib.nullcontext():
             model.executor.set_knobs(latency_target_s=None if target_ms is None else target_ms / 1e3, **changes)
-            return self.scheduler_state(name)
-        with self.tuning_lock(name):  # a hand-set knob: the online tuner starts over from it
-            model.executor.set_knobs(latency_target_s=None if target_ms is None else target_ms / 1e3, **changes)
-            self.tuners[name].target_ms = model.executor.latency_target_s * 1e3
-            self.tuners[name].reset(self.current_setting(name))
+            if name in self.tuners:  # a hand-set knob: the online tuner starts over from it
+                self.tuners[name].target_ms = model.executor.latency_target_s * 1e3
+                self.tuners[name].reset(self.current_setting(name))
         return self.scheduler_state(name)
 
 
