@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import json
 import os
 import tempfile
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
 from recserve.loadgen.sim import Accelerator, LatencyProfile, executor_profile, simulated_tune
-from recserve.loadgen.targets import InProcessTarget, apply_setting
+from recserve.loadgen.targets import InProcessTarget
 from recserve.loadgen.tuning import PAPER_TARGETS_MS, tune
 from recserve.loadgen.workload import QueryPool
 from recserve.models.specs import MODEL_NAMES
@@ -50,7 +49,7 @@ def bench_model(name: str, folder: Path, duration_s: float, target_scale: float,
                           sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=MAX_ITEMS))
         pool = QueryPool(served.signature.spec, MAX_ITEMS, seed=1)
 
-        apply = functools.partial(apply_setting, served.executor)
+        apply = served.executor.apply
 
         target_ms = PAPER_TARGETS_MS[name] * target_scale
         floor_ms = 2 * unloaded_p95_ms(apply, served, pool, load)

@@ -4,7 +4,6 @@ reported as a table, a JSON file and plots."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError
 from recserve.loadgen import report
 from recserve.loadgen.runner import Target, summarize
-from recserve.loadgen.targets import InProcessTarget, TritonTarget, apply_setting
+from recserve.loadgen.targets import InProcessTarget, TritonTarget
 from recserve.loadgen.tuning import PAPER_TARGETS_MS, HttpControl, measured_run, tune
 from recserve.loadgen.workload import QueryPool
 from recserve.models.specs import ModelSpec, model_spec
@@ -50,7 +49,7 @@ def connect(endpoint: Endpoint, model: str) -> Iterator[Connected]:
         served = load_model(endpoint.repo / model)
         try:
             yield Connected(served.signature.spec, lambda: InProcessTarget(served.executor),
-                            functools.partial(apply_setting, served.executor), served.executor.accelerator_available)
+                            served.executor.apply, served.executor.accelerator_available)
         finally:
             served.close()
         return

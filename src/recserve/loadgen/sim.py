@@ -27,7 +27,7 @@ import numpy as np
 from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError
 from recserve.loadgen.runner import RunSummary, Sample, run_load, schedule, summarize
-from recserve.loadgen.targets import RecordingTarget, apply_setting
+from recserve.loadgen.targets import RecordingTarget
 from recserve.loadgen.workload import QueryPool
 from recserve.sched.executor import Executor, QueryResult
 from recserve.sched.policy import item_ranges
@@ -131,6 +131,7 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
     times, sizes = schedule(load)
     rng = np.random.default_rng(load.seed)
     spread = np.asarray(profile_.spread)
+    threshold = setting.accelerator_threshold if accelerator is not None else None
     worker_free = [0.0] * setting.num_workers  # when each worker is next idle
     accelerator_free = 0.0
     finish: dict[int, float] = {}
@@ -143,8 +144,7 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
         if events and (not ready or events[0][0] <= next_free):
             now, _, q = heapq.heappop(events)
             items = int(sizes[q])
-            threshold = setting.accelerator_threshold
-            if accelerator is not None and threshold is not None and items >= threshold:
+            if threshold is not None and items >= threshold:
                 start = max(now, accelerator_free)
                 accelerator_free = start + accelerator.service_s(items)
                 finish[q] = accelerator_free
@@ -197,7 +197,7 @@ def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int]
 
     def measurer(gap_s: float) -> Callable[[int, int], list[tuple[float, float]]]:
         def measure(items: int, threads: int) -> list[tuple[float, float]]:
-            apply_setting(executor, Setting(items, workers, threads))
+            executor.apply(Setting(items, workers, threads))
             return asyncio.run(queries_at(items, gap_s))
 
         return measure
@@ -246,7 +246,7 @@ def validate(executor: Executor, pool: QueryPool, setting: Setting, loads: list[
              ) -> list[tuple[RunSummary, RunSummary]]:
     """(measured, simulated) for each load: a run in this process, and the simulation of the same schedule with
     the run's own observed profile."""
-    apply_setting(executor, setting)
+    executor.apply(setting)
     pairs = []
     for load in loads:
         target = RecordingTarget(executor)

@@ -12,7 +12,6 @@ from recserve.errors import OverloadedError
 from recserve.loadgen.workload import Query, as_v2_arrays
 from recserve.models.specs import ModelSpec
 from recserve.sched.executor import Executor, QueryResult
-from recserve.sched.tuner import Setting
 from recserve.serve.codec import DATATYPE_OF
 
 # the server refused (overload); UNAVAILABLE is not here: over gRPC it also means "could not connect"
@@ -55,14 +54,6 @@ class RecordingTarget(InProcessTarget):
     async def infer(self, query: Query, timeout_s: float | None) -> None:
         result = await asyncio.wrap_future(self.executor.submit(query.dense, query.sparse, timeout_s))
         self.answers.append((asyncio.get_running_loop().time(), result))
-
-
-def apply_setting(executor: Executor, setting: Setting) -> None:
-    """Put a tuner's setting into force on an executor in this process (the server's equivalent is
-    `tuning.HttpControl`)."""
-    executor.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
-                       threads_per_worker=setting.threads_per_worker,
-                       accelerator_threshold=setting.accelerator_threshold)
 
 
 class TritonTarget:

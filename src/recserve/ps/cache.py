@@ -285,11 +285,18 @@ class StaticCache:
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(("queries", "keys", "hits", "inserts", "rejected", "invalidations"), 0)
 
-    def _find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _locate(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index in the sorted keys, whether the key has a place there, valid or not: an invalidated key keeps
+        its place)."""
         if self._keys.numel() == 0:
             return torch.zeros_like(keys), torch.zeros(keys.shape, dtype=torch.bool, device=self.device)
         index = torch.searchsorted(self._keys, keys).clamp_(max=self._keys.numel() - 1)
-        return index, (self._keys[index] == keys) & self._valid[index]
+        return index, self._keys[index] == keys
+
+    def _find(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, whether the key is held)."""
+        index, placed = self._locate(keys)
+        return index, placed & self._valid[index] if self._keys.numel() else placed
 
     def query(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with self._lock:
@@ -307,8 +314,7 @@ class StaticCache:
     def insert(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         keys, rows, _ = _last_occurrences(keys, rows)
         with self._lock:
-            index, _ = self._find(keys)
-            present = self._sorted_member(keys, index)
+            index, present = self._locate(keys)
             self._rows[index[present]] = rows[present].to(self._dtype)
             self._valid[index[present]] = True
             new_keys, new_rows = keys[~present], rows[~present]
@@ -323,12 +329,6 @@ class StaticCache:
                 self._rows = torch.cat([self._rows, new_rows.to(self._dtype)])[order]
                 self._valid = torch.cat([self._valid, torch.ones_like(new_keys, dtype=torch.bool)])[order]
                 self._counts["inserts"] += new_keys.numel()
-
-    def _sorted_member(self, keys: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """Keys present in the key array, valid or not (an invalidated key keeps its place)."""
-        if self._keys.numel() == 0:
-            return torch.zeros(keys.shape, dtype=torch.bool, device=self.device)
-        return self._keys[index] == keys
 
     def update(self, keys: torch.Tensor, rows: torch.Tensor) -> int:
         keys, rows, _ = _last_occurrences(keys, rows)
@@ -419,11 +419,9 @@ class ShardedCache:
         return torch.cat([shard.held_keys().to(self.device) for shard in self.shards])
 
     def stats(self) -> CacheStats:
-        total = self.shards[0].stats()
-        for shard in self.shards[1:]:
-            total = total + shard.stats()
+        first, *others = [shard.stats() for shard in self.shards]
+        total = sum(others, start=first)
         if self.replicate:  # every replica holds the same rows: count one copy
-            first = self.shards[0].stats()
             total = dataclasses.replace(total, rows=first.rows, capacity_rows=first.capacity_rows)
         return total
 
@@ -457,6 +455,11 @@ def build_cache(table: TableConfig, config: DeviceCacheConfig, num_rows: int) ->
         for device in devices
     ]
     return ShardedCache(shards, replicate=config.replicate)
+
+
+def _on(cache: ShardedCache, array: np.ndarray) -> torch.Tensor:
+    """A tier's numpy array as a tensor on the cache's device (no copy on cpu)."""
+    return torch.from_numpy(array).to(cache.device)
 
 
 class CacheTier:
@@ -504,7 +507,7 @@ class CacheTier:
 
     def lookup(self, table: str, keys: np.ndarray) -> LookupResult:
         cache = self.cache(table)  # the PS asks the cache only for the tables it caches
-        rows, hit = cache.query(torch.from_numpy(keys).to(cache.device))
+        rows, hit = cache.query(_on(cache, keys))
         return LookupResult(rows=rows.cpu().numpy(), found=hit.cpu().numpy())
 
     def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
@@ -517,7 +520,7 @@ class CacheTier:
             started, finished = self._writes[table]
             if unless_updated_since is not None and (started != finished or started != unless_updated_since):
                 return
-            cache.insert(torch.from_numpy(keys).to(cache.device), torch.from_numpy(rows).to(cache.device))
+            cache.insert(_on(cache, keys), _on(cache, rows))
 
     def insert_later(self, table: str, keys: np.ndarray, rows: np.ndarray, token: int | None) -> bool:
         """Insert off the caller's path (if no write begins meanwhile); False if dropped for a full queue."""
@@ -566,13 +569,13 @@ class CacheTier:
             return 0
         cache = self._caches[table]
         check_rows(table, rows, keys.size, cache.shards[0].dim)
-        return cache.update(torch.from_numpy(keys).to(cache.device), torch.from_numpy(rows).to(cache.device))
+        return cache.update(_on(cache, keys), _on(cache, rows))
 
     def evict(self, table: str, keys: np.ndarray) -> int:
         if table not in self._caches:
             return 0
         cache = self._caches[table]
-        return cache.invalidate(torch.from_numpy(keys).to(cache.device))
+        return cache.invalidate(_on(cache, keys))
 
     def write(self, table: str, keys: np.ndarray, rows: np.ndarray) -> None:
         """A write through the PS: a static cache takes every row, a dynamic one refreshes the rows it holds

@@ -37,6 +37,7 @@ from recserve.ps.tiers import Tier
 from recserve.sched import policy
 from recserve.sched.mailbox import Mailbox
 from recserve.sched.policy import CostModel, QueryInfo, Route, SchedulePlan, SchedulerKnobs
+from recserve.sched.tuner import Setting
 from recserve.sched.worker import CountsRequest, Ready, SubBatch, SubBatchDone, WorkerSetup, pack, worker_main
 from recserve.sparse import SparseBatch
 
@@ -257,6 +258,18 @@ class Executor:
     @property
     def knobs(self) -> SchedulerKnobs:
         return self._knobs
+
+    @property
+    def setting(self) -> Setting:
+        """The knobs a tuner moves (B, W, k, T), as the tuner names them."""
+        k = self._knobs
+        return Setting(k.batch_size, k.num_workers, k.threads_per_worker, k.accelerator_threshold)
+
+    def apply(self, setting: Setting) -> None:
+        """Put a tuner's setting into force (the server's equivalent over HTTP is `loadgen.tuning.HttpControl`)."""
+        self.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
+                              threads_per_worker=setting.threads_per_worker,
+                              accelerator_threshold=setting.accelerator_threshold)
 
     @property
     def latency_target_s(self) -> float:

@@ -30,7 +30,6 @@ from recserve.errors import (
 )
 from recserve.sched.executor import QueryResult, ServerError
 from recserve.sched.online import OnlineTuner, WindowRecorder
-from recserve.sched.tuner import Setting
 from recserve.serve.codec import InferRequest
 from recserve.serve.metrics import Metrics
 from recserve.serve.online_tuning import tuner_for
@@ -179,8 +178,9 @@ class InferenceServer:
             raise
         except Exception as error:
             self._record_failure(label, time.perf_counter() - started)
-            self.metrics.request(label, protocol, status_of(error)[2])
-            if label in self.windows and status_of(error)[2] == "overloaded":
+            outcome_label = status_of(error)[2]
+            self.metrics.request(label, protocol, outcome_label)
+            if label in self.windows and outcome_label == "overloaded":
                 self.windows[label].refused()
             raise
         assert outcome.result is not None
@@ -222,10 +222,6 @@ class InferenceServer:
             "online_tuning": self.tuners[name].state_dict() if name in self.tuners else None,
         }
 
-    def current_setting(self, name: str) -> Setting:
-        knobs = self.model(name).executor.knobs
-        return Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker, knobs.accelerator_threshold)
-
     def tuning_lock(self, name: str) -> threading.Lock:
         """Held while the online tuner decides and applies, so a hand-set knob and a tuner's never interleave."""
         return self._tuning_locks[name]
@@ -251,7 +247,7 @@ class InferenceServer:
             model.executor.set_knobs(latency_target_s=None if target_ms is None else target_ms / 1e3, **changes)
             if name in self.tuners:  # a hand-set knob: the online tuner starts over from it
                 self.tuners[name].target_ms = model.executor.latency_target_s * 1e3
-                self.tuners[name].reset(self.current_setting(name))
+                self.tuners[name].reset(model.executor.setting)
         return self.scheduler_state(name)
 
 

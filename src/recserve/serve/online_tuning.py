@@ -9,7 +9,6 @@ import threading
 from typing import TYPE_CHECKING
 
 from recserve.sched.online import OnlineTuner, WindowRecorder
-from recserve.sched.tuner import Setting
 
 if TYPE_CHECKING:
     from recserve.serve.engine import InferenceServer
@@ -19,10 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def tuner_for(model: ServedModel) -> OnlineTuner:
-    knobs, online = model.executor.knobs, model.config.online_tuning
+    online = model.config.online_tuning
     return OnlineTuner(
-        current=Setting(knobs.batch_size, knobs.num_workers, knobs.threads_per_worker, knobs.accelerator_threshold),
-        cores=os.cpu_count() or 1, accelerator=model.executor.accelerator_available,
+        current=model.executor.setting, cores=os.cpu_count() or 1, accelerator=model.executor.accelerator_available,
         max_batch=model.config.max_items, target_ms=model.executor.latency_target_s * 1e3, drift=online.drift,
         margin=online.margin, min_queries=online.min_queries,
     )
@@ -64,9 +62,7 @@ class OnlineTuning:
             if decision.setting is None:
                 return
             log.info("online tuning of %s: %s", name, decision.reason)
-            if decision.setting != self._server.current_setting(name):
-                s = decision.setting
-                self._server.model(name).executor.set_knobs(
-                    batch_size=s.batch_size, num_workers=s.num_workers, threads_per_worker=s.threads_per_worker,
-                    accelerator_threshold=s.accelerator_threshold)
+            executor = self._server.model(name).executor
+            if decision.setting != executor.setting:
+                executor.apply(decision.setting)
         recorder.take()  # the change's transient (workers starting) belongs to no setting's window
