@@ -51,6 +51,9 @@ class LatencyProfile:
     # queries sent back to back and queries sent idle_s apart
     wake_s: float = 0.0
     idle_s: float = 0.05
+    # every query's overhead as measured (observed_profile): each simulated query draws one, instead of all
+    # paying the median, so that the overhead's own tail reaches the simulated tail
+    overheads: tuple[float, ...] = ()
 
     def service_s(self, items: int, threads: int) -> float:
         known = sorted(self.seconds)
@@ -160,7 +163,9 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
         jitter = float(spread[rng.integers(spread.size)]) if spread.size > 1 else 1.0
         worker_free[worker] = start + wake + profile_.service_s(task.items, setting.threads_per_worker) * jitter
         finish[task.query] = max(finish.get(task.query, 0.0), worker_free[worker])
-    return [Sample(float(times[q]), int(sizes[q]), finish[q] - float(times[q]) + profile_.overhead_s, "ok")
+    overheads = (np.asarray(profile_.overheads)[rng.integers(len(profile_.overheads), size=len(times))]
+                 if profile_.overheads else np.full(len(times), profile_.overhead_s))
+    return [Sample(float(times[q]), int(sizes[q]), finish[q] - float(times[q]) + float(overheads[q]), "ok")
             for q in range(len(times))]
 
 
@@ -238,8 +243,9 @@ def observed_profile(samples: list[Sample], answers: list[tuple[float, QueryResu
     batch_sizes = tuple(sorted(points))
     curve = LatencyProfile(batch_sizes, {threads: tuple(points[b] for b in batch_sizes)})
     spread = sorted(float(h / curve.service_s(int(b), threads)) for b, h in zip(size_arr, held_arr, strict=True))
-    overhead = np.median([s.latency_s - result.total_s for s, (_, result) in zip(ok, answers, strict=True)])
-    return dataclasses.replace(curve, overhead_s=max(0.0, float(overhead)), spread=tuple(spread))
+    overheads = tuple(max(0.0, s.latency_s - result.total_s) for s, (_, result) in zip(ok, answers, strict=True))
+    return dataclasses.replace(curve, overhead_s=float(np.median(overheads)), spread=tuple(spread),
+                               overheads=overheads)
 
 
 def validate(executor: Executor, pool: QueryPool, setting: Setting, loads: list[LoadConfig]
