@@ -119,6 +119,17 @@ class Accelerator:
         return self.fixed_s + self.per_item_s * items
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceTrace:
+    """A measured run's own timings, query by query in schedule order: how long each sub-batch held its worker,
+    and what the query spent besides (`observed_trace`). Given one, `simulate` replays these times instead of
+    drawing them from a profile, so that the simulation differs from the run in one thing only, its model of
+    queueing; a stall of the machine then lands on the same sub-batches in both."""
+
+    held_s: tuple[tuple[float, ...] | None, ...]  # None: the query was not answered in the run
+    overhead_s: tuple[float, ...]
+
+
 @dataclass(order=True)
 class _Task:
     deadline: float
@@ -129,8 +140,9 @@ class _Task:
 
 
 def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, target_s: float,
-             accelerator: Accelerator | None = None) -> list[Sample]:
-    """Per-query samples of the load on W workers (EDF over sub-batches) and the optional accelerator."""
+             accelerator: Accelerator | None = None, trace: ServiceTrace | None = None) -> list[Sample]:
+    """Per-query samples of the load on W workers (EDF over sub-batches) and the optional accelerator; with a
+    trace, each answered query's sub-batches take the times it recorded."""
     times, sizes = schedule(load)
     rng = np.random.default_rng(load.seed)
     spread = np.asarray(profile_.spread)
@@ -159,19 +171,27 @@ def simulate(profile_: LatencyProfile, setting: Setting, load: LoadConfig, targe
         task = heapq.heappop(ready)
         worker = worker_free.index(next_free)
         start = max(next_free, task.arrival)
-        wake = profile_.wake_s * min(1.0, (start - next_free) / profile_.idle_s)
-        jitter = float(spread[rng.integers(spread.size)]) if spread.size > 1 else 1.0
-        worker_free[worker] = start + wake + profile_.service_s(task.items, setting.threads_per_worker) * jitter
+        recorded = trace.held_s[task.query] if trace is not None else None
+        if recorded is not None:
+            worker_free[worker] = start + recorded[task.part]
+        else:
+            wake = profile_.wake_s * min(1.0, (start - next_free) / profile_.idle_s)
+            jitter = float(spread[rng.integers(spread.size)]) if spread.size > 1 else 1.0
+            worker_free[worker] = start + wake + profile_.service_s(task.items, setting.threads_per_worker) * jitter
         finish[task.query] = max(finish.get(task.query, 0.0), worker_free[worker])
-    overheads = (np.asarray(profile_.overheads)[rng.integers(len(profile_.overheads), size=len(times))]
-                 if profile_.overheads else np.full(len(times), profile_.overhead_s))
+    if trace is not None:
+        overheads = np.asarray(trace.overhead_s)
+    elif profile_.overheads:
+        overheads = np.asarray(profile_.overheads)[rng.integers(len(profile_.overheads), size=len(times))]
+    else:
+        overheads = np.full(len(times), profile_.overhead_s)
     return [Sample(float(times[q]), int(sizes[q]), finish[q] - float(times[q]) + float(overheads[q]), "ok")
             for q in range(len(times))]
 
 
 def simulated_summary(profile_: LatencyProfile, setting: Setting, load: LoadConfig, target_s: float,
-                      accelerator: Accelerator | None = None) -> RunSummary:
-    return summarize(simulate(profile_, setting, load, target_s, accelerator), load)
+                      accelerator: Accelerator | None = None, trace: ServiceTrace | None = None) -> RunSummary:
+    return summarize(simulate(profile_, setting, load, target_s, accelerator, trace), load)
 
 
 def executor_profile(executor: Executor, pool: QueryPool, batch_sizes: list[int], threads: list[int],
@@ -222,12 +242,9 @@ def observed_profile(samples: list[Sample], answers: list[tuple[float, QueryResu
     What it leaves to the simulator is the queueing: arrivals, sub-batching, EDF over W workers. On a shared
     machine whose speed drifts by 2x from one minute to the next, a profile taken minutes before a run measures
     another machine; one taken from the run is the way to test the model of queueing, not the weather."""
-    ok = sorted((s for s in samples if s.outcome == "ok"), key=lambda s: s.scheduled_s + s.latency_s)
-    answers = sorted(answers, key=lambda answer: answer[0])
-    if not answers or len(ok) != len(answers):
-        raise InvalidInputError(f"{len(answers)} answers for {len(ok)} answered queries: nothing to profile")
+    matched = _matched(samples, answers)
     sizes, held = [], []
-    for _, result in answers:
+    for _, result in matched.values():
         for (start, stop), seconds in zip(item_ranges(result.scores.shape[0], batch_size), result.held_s,
                                           strict=True):
             sizes.append(stop - start)
@@ -243,24 +260,54 @@ def observed_profile(samples: list[Sample], answers: list[tuple[float, QueryResu
     batch_sizes = tuple(sorted(points))
     curve = LatencyProfile(batch_sizes, {threads: tuple(points[b] for b in batch_sizes)})
     spread = sorted(float(h / curve.service_s(int(b), threads)) for b, h in zip(size_arr, held_arr, strict=True))
-    overheads = tuple(max(0.0, s.latency_s - result.total_s) for s, (_, result) in zip(ok, answers, strict=True))
+    overheads = tuple(max(0.0, sample.latency_s - result.total_s) for sample, result in matched.values())
     return dataclasses.replace(curve, overhead_s=float(np.median(overheads)), spread=tuple(spread),
                                overheads=overheads)
 
 
-def validate(executor: Executor, pool: QueryPool, setting: Setting, loads: list[LoadConfig]
-             ) -> list[tuple[RunSummary, RunSummary]]:
-    """(measured, simulated) for each load: a run in this process, and the simulation of the same schedule with
-    the run's own observed profile."""
+def observed_trace(samples: list[Sample], answers: list[tuple[float, QueryResult]]) -> ServiceTrace:
+    """The run's timings per query in schedule order (`samples` as `run_load` returns them)."""
+    matched = _matched(samples, answers)
+    held = tuple(matched[i][1].held_s if i in matched else None for i in range(len(samples)))
+    overheads = tuple(max(0.0, matched[i][0].latency_s - matched[i][1].total_s) if i in matched else 0.0
+                      for i in range(len(samples)))
+    return ServiceTrace(held, overheads)
+
+
+def _matched(samples: list[Sample], answers: list[tuple[float, QueryResult]]
+             ) -> dict[int, tuple[Sample, QueryResult]]:
+    """Each answered sample (by its index) with its executor result: both ordered by when the answer came."""
+    ok = sorted((i for i, s in enumerate(samples) if s.outcome == "ok"),
+                key=lambda i: samples[i].scheduled_s + samples[i].latency_s)
+    answers = sorted(answers, key=lambda answer: answer[0])
+    if not answers or len(ok) != len(answers):
+        raise InvalidInputError(f"{len(answers)} answers for {len(ok)} answered queries: nothing to profile")
+    return {i: (samples[i], result) for i, (_, result) in zip(ok, answers, strict=True)}
+
+
+@dataclass(frozen=True, slots=True)
+class Validation:
+    measured: RunSummary
+    replayed: RunSummary  # the same schedule simulated with the run's own times (`ServiceTrace`)
+    modelled: RunSummary  # ... with times drawn from the run's observed profile, as a simulated machine's are
+    trace: ServiceTrace
+    observed: LatencyProfile
+
+
+def validate(executor: Executor, pool: QueryPool, setting: Setting, load: LoadConfig) -> Validation:
+    """Run a load in this process, then simulate the same schedule twice: replaying the run's timings, and
+    drawing them from the profile observed in the run."""
     executor.apply(setting)
-    pairs = []
-    for load in loads:
-        target = RecordingTarget(executor)
-        samples = asyncio.run(run_load(target, pool, load, progress=False))
-        observed = observed_profile(samples, target.answers, setting.batch_size, setting.threads_per_worker)
-        simulated = simulated_summary(observed, setting, load, executor.latency_target_s)
-        pairs.append((summarize(samples, load), simulated))
-    return pairs
+    target = RecordingTarget(executor)
+    samples = asyncio.run(run_load(target, pool, load, progress=False))
+    observed = observed_profile(samples, target.answers, setting.batch_size, setting.threads_per_worker)
+    trace = observed_trace(samples, target.answers)
+    target_s = executor.latency_target_s
+    return Validation(
+        measured=summarize(samples, load),
+        replayed=simulated_summary(observed, setting, load, target_s, trace=trace),
+        modelled=simulated_summary(observed, setting, load, target_s), trace=trace, observed=observed,
+    )
 
 
 def simulated_tune(profile_: LatencyProfile, load: LoadConfig, target_ms: float, cores: int,
