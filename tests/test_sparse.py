@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +84,19 @@ def test_split_then_join_restores_every_key_in_item_order(lengths: list, per_bat
         assert torch.cat([p.keys[table] for p in parts]).tolist() == batch.keys[table].tolist()
         assert torch.cat([p.lengths(table) for p in parts]).tolist() == batch.lengths(table).tolist()
         assert all(int(p.offsets[table][0]) == 0 for p in parts)
+
+
+def test_read_only_request_buffers_are_shared_when_big_and_copied_when_small() -> None:
+    """A request's arrays arrive in read-only bytes: a big one is shared (no copy, no warning), a small one copied."""
+    big = np.frombuffer(np.arange(20_000, dtype=np.int64).tobytes(), dtype=np.int64)
+    small = np.frombuffer(np.arange(10, dtype=np.int64).tobytes(), dtype=np.int64)
+    lengths_big = np.frombuffer(np.full(250, 80, dtype=np.int64).tobytes(), dtype=np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = SparseBatch.from_lengths({"big": (big, lengths_big)})
+        small_batch = SparseBatch.from_lengths({"small": (small, np.ones(10, dtype=np.int64))})
+    assert batch.keys["big"].data_ptr() == big.ctypes.data
+    assert small_batch.keys["small"].data_ptr() != small.ctypes.data
+    assert batch.keys["big"].tolist() == list(range(20_000))
+    assert batch.offsets["big"][-1].item() == 20_000
+    assert small_batch.keys["small"].tolist() == list(range(10))

@@ -35,6 +35,7 @@ from recserve.ps.remote import serve_lookups
 from recserve.ps.server import LookupCounts
 from recserve.ps.tiers import Tier
 from recserve.sched import policy
+from recserve.sched import worker as wire
 from recserve.sched.mailbox import Mailbox
 from recserve.sched.policy import CostModel, QueryInfo, Route, SchedulePlan, SchedulerKnobs
 from recserve.sched.tuner import Setting
@@ -116,7 +117,7 @@ class WorkerHandle:
             self.stop()
             raise ServerError(f"worker {self.process.name} did not start in {WORKER_START_TIMEOUT_S:.0f} s")
         try:
-            ready: Ready = self._tasks.recv()
+            ready: Ready = wire.receive(self._tasks)
         except (EOFError, OSError):
             raise ServerError(f"worker {self.process.name} died while starting") from None
         if ready.error:
@@ -125,8 +126,8 @@ class WorkerHandle:
 
     def run(self, task_id: int, threads: int, arrays: dict[str, np.ndarray]) -> SubBatchDone:
         try:
-            self._tasks.send(SubBatch(task_id, threads, self._mailbox.put(arrays)))
-            done: SubBatchDone = self._tasks.recv()
+            wire.send(self._tasks, SubBatch(task_id, threads, self._mailbox.put(arrays)))
+            done: SubBatchDone = wire.receive(self._tasks)
         except (EOFError, OSError) as error:
             raise ServerError(f"worker {self.process.name} died (exit code {self.process.exitcode}): "
                               f"{error or 'pipe closed'}") from None
@@ -138,8 +139,8 @@ class WorkerHandle:
 
     def refresh_counts(self) -> None:
         try:
-            self._tasks.send(CountsRequest())
-            self.counts, self.counts_stale = self._tasks.recv(), False
+            wire.send(self._tasks, CountsRequest())
+            self.counts, self.counts_stale = wire.receive(self._tasks), False
         except (EOFError, OSError):
             pass  # a dead worker is noticed, and replaced, on its next sub-batch
 
@@ -150,7 +151,7 @@ class WorkerHandle:
                 return
             self._stopped = True
         with contextlib.suppress(OSError):
-            self._tasks.send(None)
+            wire.send(self._tasks, None)
         self.process.join(timeout_s)
         if self.process.is_alive():
             self.process.kill()

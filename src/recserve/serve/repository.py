@@ -33,6 +33,7 @@ from recserve.ps.server import HierarchicalPS
 from recserve.sched.executor import Executor
 from recserve.sched.policy import SchedulerKnobs
 from recserve.sched.worker import WorkerSetup
+from recserve.serve.codec import DATATYPE_OF
 from recserve.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
@@ -115,13 +116,13 @@ def short_name(spec: ModelSpec, table: str) -> str:
 
 
 def _check_tensor(tensor: np.ndarray, spec: TensorSpec) -> None:
-    from recserve.serve.codec import DATATYPE_OF
-
-    datatype = DATATYPE_OF.get(tensor.dtype, str(tensor.dtype))
+    datatype = DATATYPE_OF.get(tensor.dtype)
     if datatype not in spec.datatypes:
-        raise InvalidInputError(f"input '{spec.name}': datatype must be {' or '.join(spec.datatypes)}, got {datatype}")
-    if len(tensor.shape) != len(spec.shape) or any(
-        want != -1 and got != want for got, want in zip(tensor.shape, spec.shape, strict=True)
+        raise InvalidInputError(f"input '{spec.name}': datatype must be {' or '.join(spec.datatypes)}, got "
+                                f"{datatype or tensor.dtype}")
+    shape = tensor.shape
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and got != want for got, want in zip(shape, spec.shape, strict=True)
     ):
         wanted = ["N" if d == -1 else d for d in spec.shape]
         raise InvalidInputError(f"input '{spec.name}': shape must be {wanted}, got {list(tensor.shape)}")
