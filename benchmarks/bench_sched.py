@@ -4,6 +4,7 @@
     python benchmarks/bench_sched.py --quick             # 1 s per probe
     python benchmarks/bench_sched.py --models rmc1,ncf --target-scale 2
     python benchmarks/bench_sched.py --sim-only          # only the simulated machines (profiles, no tuning)
+    python benchmarks/bench_sched.py --capped-only       # only RMC1 full, DRAM capped at 10% vs all in DRAM
 
 Each model (`tiny` tables, all in the DRAM tier) is loaded in this process with its worker processes; the load
 is Poisson arrivals of lognormal(5.1, 0.2) items per query (at most 512) with Zipf(1.05) keys, the same seeded
@@ -14,30 +15,36 @@ thread); the tuned one is the hill climb's best. On the simulator, from a latenc
 same tuning for a 16-core and a 64-core machine (`sim16_*`, `sim64_*`) and for 16 cores plus an accelerator
 (`sim16_accel_*`: a transfer-dominated curve, ACCELERATOR below, and T in the climb). The last line is one JSON
 object: `models` (name -> {baseline_qps, tuned_qps, ratio, sim16_ratio, ...}).
+
+Outside --quick (or alone with --capped-only), at scale: RMC1 `full` (8 x 4M x 32 float32, 4.1 GB of tables)
+with the DRAM tier capped at 10% of rows over RocksDB, vs every row in DRAM, at the paper's 100 ms p95 target
+and one setting (CAPPED_SETTING) for both: `rmc1_full_capped_vs_all_dram`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
-from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
+from recserve.config import ArrivalProcess, LoadConfig, ServingConfig, SizeDistribution
 from recserve.loadgen.sim import Accelerator, LatencyProfile, executor_profile, simulated_tune
 from recserve.loadgen.targets import InProcessTarget
-from recserve.loadgen.tuning import PAPER_TARGETS_MS, tune
+from recserve.loadgen.tuning import PAPER_TARGETS_MS, capacity, measured_run, tune
 from recserve.loadgen.workload import QueryPool
 from recserve.models.specs import MODEL_NAMES
-from recserve.sched.tuner import static_baseline
-from recserve.serve.repository import load_model, write_model_folder
+from recserve.sched.tuner import Setting, static_baseline
+from recserve.serve.repository import load_model, write_model_folder, write_serving_config
 
 MAX_ITEMS = 512
 # a GPU-like curve for a whole query: launch and transfer dominate (2 ms + 4 us per item); illustrative, not measured
 ACCELERATOR = Accelerator(fixed_s=0.002, per_item_s=4e-6)
+CAPPED_SETTING = Setting(batch_size=64, num_workers=2, threads_per_worker=1)  # small sub-batches on every core
 
 
 def bench_model(name: str, folder: Path, duration_s: float, target_scale: float, measure: bool = True) -> dict:
@@ -97,20 +104,64 @@ def unloaded_p95_ms(apply: object, served: object, pool: QueryPool, load: LoadCo
     return summarize(samples, probe).p95_ms
 
 
+def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
+    """RMC1 `full` (8 x 4M x 32 float32) with the DRAM tier capped at 10% of each table's rows over RocksDB, vs
+    every row in DRAM (no RocksDB): QPS at the p95 target, the same setting and warm-up for both."""
+    write_model_folder(folder, "rmc1", "full", seed=0)
+    load = LoadConfig(model="rmc1", duration_s=duration_s, arrivals=ArrivalProcess(qps=5.0),
+                      sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=MAX_ITEMS))
+    target_ms = PAPER_TARGETS_MS["rmc1"]
+    scheduler = {"latency_target_ms": 60_000, "max_queue": 100_000}
+    variants = {
+        "all_dram": {"scheduler": scheduler, "max_items": MAX_ITEMS},
+        "capped": {"scheduler": scheduler, "max_items": MAX_ITEMS, "dram_fraction": 0.1,
+                   "rocksdb": {"enabled": True, "path": "rocksdb"}},
+    }
+    figures: dict = {"target_ms": target_ms, "setting": str(setting)}
+    for label, serving in variants.items():
+        write_serving_config(folder, ServingConfig.model_validate(serving))
+        started = time.perf_counter()
+        served = load_model(folder)
+        figures[f"{label}_load_s"] = round(time.perf_counter() - started, 1)
+        try:
+            pool = QueryPool(served.signature.spec, MAX_ITEMS, seed=1)
+            served.executor.apply(setting)
+            make_target = functools.partial(InProcessTarget, served.executor)
+            # the capped tier starts empty and fills from RocksDB as keys are asked for: the same warm-up for both
+            warm = load.model_copy(update={"duration_s": 30.0, "arrivals": ArrivalProcess(kind="constant", qps=2.0)})
+            asyncio.run(measured_run(make_target, pool, warm, False))
+            found = capacity(make_target, pool, load, target_ms, 95.0, 2.0, progress=False)
+            figures[f"{label}_qps"] = round(found.qps, 2)
+            counts = served.executor.lookup_counts()
+            hits = sum(c.hits.get("dram", 0) for c in counts.values())
+            misses = sum(c.misses.get("dram", 0) for c in counts.values())
+            figures[f"{label}_dram_hit_rate"] = round(hits / max(1, hits + misses), 3)
+        finally:
+            served.close()
+        print(f"rmc1 full {label}: {json.dumps(figures)}", flush=True)
+    all_dram = figures["all_dram_qps"]
+    figures["rmc1_full_capped_vs_all_dram"] = round(figures["capped_qps"] / all_dram, 3) if all_dram else None
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default=",".join(MODEL_NAMES))
     parser.add_argument("--target-scale", type=float, default=1.0)
     parser.add_argument("--sim-only", action="store_true", help="profile and simulate; skip the measured tuning")
+    parser.add_argument("--capped-only", action="store_true",
+                        help="only RMC1 full, DRAM capped at 10%% vs all rows in DRAM (skipped with --quick)")
     args = parser.parse_args()
     duration_s = 1.0 if args.quick else 2.0
-    models = {}
+    models, capped = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as scratch:
-        for name in args.models.split(","):
+        for name in [] if args.capped_only else args.models.split(","):
             models[name] = bench_model(name, Path(scratch) / name, duration_s, args.target_scale, not args.sim_only)
+        if not args.quick and not args.sim_only:
+            capped = bench_capped(Path(scratch) / "rmc1-full", duration_s, CAPPED_SETTING)
     print(json.dumps({"models": models, "cores": os.cpu_count(), "probe_s": duration_s,
-                      "target_scale": args.target_scale}))
+                      "target_scale": args.target_scale, **capped}))
 
 
 if __name__ == "__main__":

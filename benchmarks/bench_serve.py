@@ -9,7 +9,9 @@ core. Served: `recserve serve` in its own process (W workers x k threads, B item
 flags), driven in a closed loop by `--clients` tritonclient clients, each with one query in flight. Client and
 server share the machine's cores, as a sidecar client would. The last line is one JSON object:
 `grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s), `p50_1item_ms` (gRPC, one
-client, 1-item queries: the server's own overhead), and the raw figures.
+client, 1-item queries: the server's own overhead), and the raw figures. With them, the CPU each 256-item query
+cost in-process and served (client, server process, workers; from /proc): on a machine whose every core is busy,
+their quotient is the throughput ratio to expect, and without the server process's share, its ceiling.
 """
 
 from __future__ import annotations
@@ -53,6 +55,22 @@ def summary(latencies: list[float], items: int, wall_s: float) -> dict[str, floa
             "queries": len(latencies)}
 
 
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, every thread of it (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
+
+
+def own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
 def in_process(folder: Path, queries: list[Query]) -> dict[str, float]:
     spec = checkpoint_spec(folder)
     config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=8),
@@ -63,13 +81,14 @@ def in_process(folder: Path, queries: list[Query]) -> dict[str, float]:
         for q in queries[:5]:
             model(q.dense, q.sparse)
         latencies = []
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), own_cpu_s()
         for q in queries:
             t = time.perf_counter()
             model(q.dense, q.sparse)
             latencies.append(time.perf_counter() - t)
-        wall = time.perf_counter() - started
-    return summary(latencies, sum(q.sparse.num_items for q in queries), wall)
+        wall, cpu = time.perf_counter() - started, own_cpu_s() - cpu_started
+    return summary(latencies, sum(q.sparse.num_items for q in queries), wall) | {
+        "cpu_ms_per_query": round(cpu / len(queries) * 1e3, 3)}
 
 
 def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int, clients: int,
@@ -151,8 +170,15 @@ def main() -> None:
                     return lambda i: client.infer("rmc1", prepared[i % len(prepared)], outputs=outputs)
                 return make
 
+            workers = children(server.process.pid)
+            before = [own_cpu_s(), cpu_s(server.process.pid), sum(cpu_s(w) for w in workers)]
             served_grpc = closed_loop(grpc_call(pool), num_queries, args.clients, ITEMS)
+            after = [own_cpu_s(), cpu_s(server.process.pid), sum(cpu_s(w) for w in workers)]
+            cpu_ms = {part: round((end - start) / num_queries * 1e3, 3)
+                      for part, start, end in zip(("client", "server", "workers"), before, after, strict=True)}
             print(f"served gRPC     {served_grpc}", flush=True)
+            print(f"CPU ms per 256-item query: in-process {local['cpu_ms_per_query']}, served over gRPC {cpu_ms}",
+                  flush=True)
             served_http = closed_loop(http_call(pool), num_queries, args.clients, ITEMS)
             print(f"served HTTP     {served_http}", flush=True)
             single = max(200, num_queries)
@@ -168,6 +194,12 @@ def main() -> None:
         "http_vs_inprocess": round(served_http["items_per_s"] / local["items_per_s"], 3),
         "p50_1item_ms": one_grpc["p50_ms"],
         "p50_1item_http_ms": one_http["p50_ms"],
+        # CPU per query decides throughput when every core is busy: the in-process CPU over the served CPU is
+        # the ratio to expect, and with the client's and workers' CPU alone the ceiling if the server's own
+        # process cost nothing (the client shares this machine's cores)
+        "cpu_ms_per_query": {"inprocess": local["cpu_ms_per_query"], **cpu_ms},
+        "cpu_bound_grpc_vs_inprocess": round(local["cpu_ms_per_query"] / sum(cpu_ms.values()), 3),
+        "ceiling_grpc_vs_inprocess": round(local["cpu_ms_per_query"] / (cpu_ms["client"] + cpu_ms["workers"]), 3),
         "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_1item": one_grpc, "http_1item": one_http,
         "config": {"items_per_query": ITEMS, "workers": args.workers, "threads_per_worker": args.threads,
                    "batch_size": args.batch_size, "clients": args.clients, "cores": os.cpu_count()},

@@ -212,5 +212,10 @@ def write_model_folder(folder: Path, model: str, preset: str = "tiny", num_tasks
     spec = model_spec(model, preset, num_tasks)  # type: ignore[arg-type]
     settings = ServingConfig.model_validate(serving or {})
     save_checkpoint(build_model(spec, seed=seed), folder, preset)
+    write_serving_config(folder, settings)
+
+
+def write_serving_config(folder: Path, settings: ServingConfig) -> None:
+    """The folder's serve.yaml: only what differs from the defaults."""
     (folder / SERVING_FILE).write_text(yaml.safe_dump(settings.model_dump(mode="json", exclude_defaults=True)
                                                       or {}, sort_keys=False))
