@@ -71,6 +71,19 @@ def own_cpu_s() -> float:
     return times.user + times.system
 
 
+def cpu_bounds(inprocess_ms: float, served: dict[str, dict]) -> dict:
+    """CPU per query decides throughput when every core is busy: the in-process CPU over the served CPU is the
+    ratio to expect (`cpu_bound_*`), and over the client's and workers' CPU alone, the ceiling were the server's
+    own process free (`ceiling_*`): the client shares this machine's cores."""
+    figures: dict = {"cpu_ms_per_query": {"inprocess": inprocess_ms}}
+    for protocol, result in served.items():
+        parts = result["cpu_ms_per_query"]
+        figures["cpu_ms_per_query"][protocol] = parts
+        figures[f"cpu_bound_{protocol}_vs_inprocess"] = round(inprocess_ms / sum(parts.values()), 3)
+        figures[f"ceiling_{protocol}_vs_inprocess"] = round(inprocess_ms / (parts["client"] + parts["workers"]), 3)
+    return figures
+
+
 def in_process(folder: Path, queries: list[Query]) -> dict[str, float]:
     spec = checkpoint_spec(folder)
     config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=8),
@@ -92,10 +105,11 @@ def in_process(folder: Path, queries: list[Query]) -> dict[str, float]:
 
 
 def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int, clients: int,
-                items: int) -> dict[str, float]:
+                items: int, cpu: Callable[[], dict[str, float]] | None = None) -> dict:
     """`clients` threads, each with its own client and one query in flight, until num_queries are answered.
 
-    Each thread makes its own client: tritonclient's HTTP client is not to be shared between threads."""
+    Each thread makes its own client: tritonclient's HTTP client is not to be shared between threads. With
+    `cpu` (CPU seconds by process), also the CPU milliseconds each query cost, from the start signal to the end."""
     latencies: list[float] = []
     counter = iter(range(num_queries))
     lock = threading.Lock()
@@ -119,11 +133,17 @@ def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int
     threads = [threading.Thread(target=run) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    before = cpu() if cpu else {}
     ready.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
-    return summary(latencies, items * num_queries, time.perf_counter() - started)
+    result: dict = summary(latencies, items * num_queries, time.perf_counter() - started)
+    if cpu:
+        after = cpu()
+        result["cpu_ms_per_query"] = {part: round((after[part] - before[part]) / num_queries * 1e3, 3)
+                                      for part in before}
+    return result
 
 
 def main() -> None:
@@ -171,15 +191,14 @@ def main() -> None:
                 return make
 
             workers = children(server.process.pid)
-            before = [own_cpu_s(), cpu_s(server.process.pid), sum(cpu_s(w) for w in workers)]
-            served_grpc = closed_loop(grpc_call(pool), num_queries, args.clients, ITEMS)
-            after = [own_cpu_s(), cpu_s(server.process.pid), sum(cpu_s(w) for w in workers)]
-            cpu_ms = {part: round((end - start) / num_queries * 1e3, 3)
-                      for part, start, end in zip(("client", "server", "workers"), before, after, strict=True)}
+
+            def cpu() -> dict[str, float]:
+                return {"client": own_cpu_s(), "server": cpu_s(server.process.pid),
+                        "workers": sum(cpu_s(w) for w in workers)}
+
+            served_grpc = closed_loop(grpc_call(pool), num_queries, args.clients, ITEMS, cpu)
             print(f"served gRPC     {served_grpc}", flush=True)
-            print(f"CPU ms per 256-item query: in-process {local['cpu_ms_per_query']}, served over gRPC {cpu_ms}",
-                  flush=True)
-            served_http = closed_loop(http_call(pool), num_queries, args.clients, ITEMS)
+            served_http = closed_loop(http_call(pool), num_queries, args.clients, ITEMS, cpu)
             print(f"served HTTP     {served_http}", flush=True)
             single = max(200, num_queries)
             one_grpc = closed_loop(grpc_call(one_item), single, 1, 1)
@@ -194,12 +213,7 @@ def main() -> None:
         "http_vs_inprocess": round(served_http["items_per_s"] / local["items_per_s"], 3),
         "p50_1item_ms": one_grpc["p50_ms"],
         "p50_1item_http_ms": one_http["p50_ms"],
-        # CPU per query decides throughput when every core is busy: the in-process CPU over the served CPU is
-        # the ratio to expect, and with the client's and workers' CPU alone the ceiling if the server's own
-        # process cost nothing (the client shares this machine's cores)
-        "cpu_ms_per_query": {"inprocess": local["cpu_ms_per_query"], **cpu_ms},
-        "cpu_bound_grpc_vs_inprocess": round(local["cpu_ms_per_query"] / sum(cpu_ms.values()), 3),
-        "ceiling_grpc_vs_inprocess": round(local["cpu_ms_per_query"] / (cpu_ms["client"] + cpu_ms["workers"]), 3),
+        **cpu_bounds(local["cpu_ms_per_query"], {"grpc": served_grpc, "http": served_http}),
         "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_1item": one_grpc, "http_1item": one_http,
         "config": {"items_per_query": ITEMS, "workers": args.workers, "threads_per_worker": args.threads,
                    "batch_size": args.batch_size, "clients": args.clients, "cores": os.cpu_count()},
