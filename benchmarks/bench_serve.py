@@ -1,13 +1,14 @@
 """Served vs in-process: RMC1 through `recserve serve` with tritonclient (gRPC, HTTP binary), and 1-item latency.
 
-    python benchmarks/bench_serve.py            # 400 queries of 256 items per mode
+    python benchmarks/bench_serve.py            # 400 queries of 256 items per mode and round, 3 rounds
     python benchmarks/bench_serve.py --quick    # 60
 
 RMC1 `tiny` (the full structure: 8 tables x 80 lookups per item, the paper's MLPs; 1,000-row tables, all in
 the DRAM tier). In-process: the same model and weights called in a closed loop in this process with every
 core. Served: `recserve serve` in its own process (W workers x k threads, B items per sub-batch, from the
 flags), driven in a closed loop by `--clients` tritonclient clients, each with one query in flight. Client and
-server share the machine's cores, as a sidecar client would. The last line is one JSON object:
+server share the machine's cores, as a sidecar client would. The three modes run in turn, `--rounds` times, and
+each mode's median run counts: the machine's speed drifts by 2x within minutes. The last line is one JSON object:
 `grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s), `p50_1item_ms` (gRPC, one
 client, 1-item queries: the server's own overhead), and the raw figures. With them, the CPU each 256-item query
 cost in-process and served (client, server process, workers; from /proc): on a machine whose every core is busy,
@@ -84,24 +85,38 @@ def cpu_bounds(inprocess_ms: float, served: dict[str, dict]) -> dict:
     return figures
 
 
-def in_process(folder: Path, queries: list[Query]) -> dict[str, float]:
-    spec = checkpoint_spec(folder)
-    config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=8),
-                      rocksdb=RocksTierConfig(enabled=False))
-    torch.set_num_threads(os.cpu_count() or 1)
-    with HierarchicalPS.from_config(config) as ps, torch.inference_mode():
-        model = load_checkpoint(folder, ps)
-        for q in queries[:5]:
-            model(q.dense, q.sparse)
-        latencies = []
-        started, cpu_started = time.perf_counter(), own_cpu_s()
-        for q in queries:
-            t = time.perf_counter()
-            model(q.dense, q.sparse)
-            latencies.append(time.perf_counter() - t)
-        wall, cpu = time.perf_counter() - started, own_cpu_s() - cpu_started
-    return summary(latencies, sum(q.sparse.num_items for q in queries), wall) | {
-        "cpu_ms_per_query": round(cpu / len(queries) * 1e3, 3)}
+class InProcess:
+    """The same model and weights in this process, called in a closed loop with every core."""
+
+    def __init__(self, folder: Path) -> None:
+        spec = checkpoint_spec(folder)
+        config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=8),
+                          rocksdb=RocksTierConfig(enabled=False))
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.ps = HierarchicalPS.from_config(config)
+        self.model = load_checkpoint(folder, self.ps)
+
+    def run(self, queries: list[Query]) -> dict:
+        with torch.inference_mode():
+            for q in queries[:5]:
+                self.model(q.dense, q.sparse)
+            latencies = []
+            started, cpu_started = time.perf_counter(), own_cpu_s()
+            for q in queries:
+                t = time.perf_counter()
+                self.model(q.dense, q.sparse)
+                latencies.append(time.perf_counter() - t)
+            wall, cpu = time.perf_counter() - started, own_cpu_s() - cpu_started
+        return summary(latencies, sum(q.sparse.num_items for q in queries), wall) | {
+            "cpu_ms_per_query": round(cpu / len(queries) * 1e3, 3)}
+
+    def close(self) -> None:
+        self.ps.close()
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median items/s (its other figures with it)."""
+    return sorted(runs, key=lambda run: run["items_per_s"])[len(runs) // 2]
 
 
 def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int, clients: int,
@@ -154,6 +169,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="W")
     parser.add_argument("--threads", type=int, default=1, help="k")
     parser.add_argument("--batch-size", type=int, default=256, help="B")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of in-process, gRPC, HTTP in turn")
     args = parser.parse_args()
     num_queries = args.queries or (60 if args.quick else 400)
 
@@ -169,10 +185,8 @@ def main() -> None:
         queries = [pool[i % len(pool)] for i in range(num_queries)]
         one_item = [generator.query(1) for _ in range(16)]
 
-        local = in_process(repo / "rmc1", queries)
-        print(f"in-process      {local}", flush=True)
-
         server = spawn_server(repo)
+        local_model = InProcess(repo / "rmc1")
         http_address, grpc_address = server.http, server.grpc
         try:
             def grpc_call(pool_: list[Query]) -> Callable[[], Callable[[int], None]]:
@@ -196,16 +210,23 @@ def main() -> None:
                 return {"client": own_cpu_s(), "server": cpu_s(server.process.pid),
                         "workers": sum(cpu_s(w) for w in workers)}
 
-            served_grpc = closed_loop(grpc_call(pool), num_queries, args.clients, ITEMS, cpu)
-            print(f"served gRPC     {served_grpc}", flush=True)
-            served_http = closed_loop(http_call(pool), num_queries, args.clients, ITEMS, cpu)
-            print(f"served HTTP     {served_http}", flush=True)
+            # in turn, so that the machine's drift (2x within minutes here) falls on every mode alike
+            runs: dict[str, list[dict]] = {"inprocess": [], "grpc": [], "http": []}
+            for round_ in range(args.rounds):
+                runs["inprocess"].append(local_model.run(queries))
+                runs["grpc"].append(closed_loop(grpc_call(pool), num_queries, args.clients, ITEMS, cpu))
+                runs["http"].append(closed_loop(http_call(pool), num_queries, args.clients, ITEMS, cpu))
+                print(f"round {round_ + 1}: " + ", ".join(f"{mode} {r[-1]['items_per_s']:.0f} items/s"
+                                                          for mode, r in runs.items()), flush=True)
+            local, served_grpc, served_http = (median_run(runs[mode]) for mode in ("inprocess", "grpc", "http"))
+            print(f"in-process      {local}\nserved gRPC     {served_grpc}\nserved HTTP     {served_http}", flush=True)
             single = max(200, num_queries)
             one_grpc = closed_loop(grpc_call(one_item), single, 1, 1)
             print(f"1-item gRPC     {one_grpc}", flush=True)
             one_http = closed_loop(http_call(one_item), single, 1, 1)
             print(f"1-item HTTP     {one_http}", flush=True)
         finally:
+            local_model.close()
             server.stop()
 
     print(json.dumps({
@@ -215,6 +236,7 @@ def main() -> None:
         "p50_1item_http_ms": one_http["p50_ms"],
         **cpu_bounds(local["cpu_ms_per_query"], {"grpc": served_grpc, "http": served_http}),
         "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_1item": one_grpc, "http_1item": one_http,
+        "rounds": {mode: [r["items_per_s"] for r in mode_runs] for mode, mode_runs in runs.items()},
         "config": {"items_per_query": ITEMS, "workers": args.workers, "threads_per_worker": args.threads,
                    "batch_size": args.batch_size, "clients": args.clients, "cores": os.cpu_count()},
     }))

@@ -34,6 +34,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 def build_app(server: InferenceServer, max_body_bytes: int) -> web.Application:
     app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors_as_json])
     app[SERVER_KEY] = server
+    app[MAX_BODY_KEY] = max_body_bytes
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"
     app.add_routes([
@@ -58,6 +59,7 @@ def build_app(server: InferenceServer, max_body_bytes: int) -> web.Application:
 
 
 SERVER_KEY = web.AppKey("server", InferenceServer)
+MAX_BODY_KEY = web.AppKey("max_body_bytes", int)
 
 
 def _server(request: web.Request) -> InferenceServer:
@@ -143,7 +145,7 @@ async def _scheduler(request: web.Request) -> web.Response:
 async def _infer(request: web.Request) -> web.Response:
     server = _server(request)
     name, version = request.match_info["model"], request.match_info.get("version", "")
-    body = await request.read()
+    body = await _body(request)
     header_length = _header_length(request)
     infer_request = codec.decode_request(body, header_length)
     timeout_s = codec.timeout_parameter(infer_request.parameters)
@@ -154,6 +156,19 @@ async def _infer(request: web.Request) -> web.Response:
     if json_length is not None:
         headers[HEADER_LENGTH] = str(json_length)
     return web.Response(body=response_body, headers=headers)
+
+
+async def _body(request: web.Request) -> bytes:
+    """The request body, joined once: `request.read()` grows a bytearray chunk by chunk and then copies it whole,
+    a quarter of the front end's CPU for a 1.4 MB query. Bigger than the limit: 413, as `read` would answer."""
+    limit = request.app[MAX_BODY_KEY]
+    chunks, size = [], 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=size)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _binary_by_default(request: codec.InferRequest) -> bool:

@@ -60,6 +60,7 @@ class ModelSignature:
     inputs: tuple[TensorSpec, ...] = field(init=False)
     outputs: tuple[TensorSpec, ...] = field(init=False)
     _features: tuple[tuple[str, str, str], ...] = field(init=False)  # (table, keys input, lengths input)
+    _input_names: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
         features = tuple((t.name, f"{short_name(self.spec, t.name)}_keys", f"{short_name(self.spec, t.name)}_lengths")
@@ -72,12 +73,13 @@ class ModelSignature:
             inputs.append(TensorSpec("dense", ("FP32",), (-1, self.spec.dense_features)))
         object.__setattr__(self, "_features", features)  # frozen: set once, here
         object.__setattr__(self, "inputs", tuple(inputs))
+        object.__setattr__(self, "_input_names", frozenset(t.name for t in inputs))
         object.__setattr__(self, "outputs", (TensorSpec("scores", ("FP32",), (-1, self.spec.num_tasks)),))
 
     def decode(self, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray | None, SparseBatch]:
         """Check names, datatypes and shapes, and build the query. Errors name the input at fault."""
         missing = [t.name for t in self.inputs if t.name not in inputs]
-        extra = [name for name in inputs if name not in {t.name for t in self.inputs}]
+        extra = [name for name in inputs if name not in self._input_names]
         if extra:
             raise InvalidInputError(f"model '{self.spec.name}': unexpected inputs {extra[:5]}")
         if missing:
