@@ -148,8 +148,8 @@ def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int
     threads = [threading.Thread(target=run) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    ready.wait()  # every client made and warmed up: count from here
     before = cpu() if cpu else {}
-    ready.wait()
     started = time.perf_counter()
     for thread in threads:
         thread.join()
@@ -218,6 +218,7 @@ def main() -> None:
                 runs["http"].append(closed_loop(http_call(pool), num_queries, args.clients, ITEMS, cpu))
                 print(f"round {round_ + 1}: " + ", ".join(f"{mode} {r[-1]['items_per_s']:.0f} items/s"
                                                           for mode, r in runs.items()), flush=True)
+            local_model.close()  # its threads and memory stay out of the latency runs
             local, served_grpc, served_http = (median_run(runs[mode]) for mode in ("inprocess", "grpc", "http"))
             print(f"in-process      {local}\nserved gRPC     {served_grpc}\nserved HTTP     {served_http}", flush=True)
             single = max(200, num_queries)
