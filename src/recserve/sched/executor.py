@@ -35,11 +35,20 @@ from recserve.ps.remote import serve_lookups
 from recserve.ps.server import LookupCounts
 from recserve.ps.tiers import Tier
 from recserve.sched import policy
-from recserve.sched import worker as wire
 from recserve.sched.mailbox import Mailbox
 from recserve.sched.policy import CostModel, QueryInfo, Route, SchedulePlan, SchedulerKnobs
 from recserve.sched.tuner import Setting
-from recserve.sched.worker import CountsRequest, Ready, SubBatch, SubBatchDone, WorkerSetup, pack, worker_main
+from recserve.sched.worker import (
+    CountsRequest,
+    Ready,
+    SubBatch,
+    SubBatchDone,
+    WorkerSetup,
+    pack,
+    receive,
+    send,
+    worker_main,
+)
 from recserve.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
@@ -117,7 +126,7 @@ class WorkerHandle:
             self.stop()
             raise ServerError(f"worker {self.process.name} did not start in {WORKER_START_TIMEOUT_S:.0f} s")
         try:
-            ready: Ready = wire.receive(self._tasks)
+            ready: Ready = receive(self._tasks)
         except (EOFError, OSError):
             raise ServerError(f"worker {self.process.name} died while starting") from None
         if ready.error:
@@ -126,8 +135,8 @@ class WorkerHandle:
 
     def run(self, task_id: int, threads: int, arrays: dict[str, np.ndarray]) -> SubBatchDone:
         try:
-            wire.send(self._tasks, SubBatch(task_id, threads, self._mailbox.put(arrays)))
-            done: SubBatchDone = wire.receive(self._tasks)
+            send(self._tasks, SubBatch(task_id, threads, self._mailbox.put(arrays)))
+            done: SubBatchDone = receive(self._tasks)
         except (EOFError, OSError) as error:
             raise ServerError(f"worker {self.process.name} died (exit code {self.process.exitcode}): "
                               f"{error or 'pipe closed'}") from None
@@ -139,8 +148,8 @@ class WorkerHandle:
 
     def refresh_counts(self) -> None:
         try:
-            wire.send(self._tasks, CountsRequest())
-            self.counts, self.counts_stale = wire.receive(self._tasks), False
+            send(self._tasks, CountsRequest())
+            self.counts, self.counts_stale = receive(self._tasks), False
         except (EOFError, OSError):
             pass  # a dead worker is noticed, and replaced, on its next sub-batch
 
@@ -151,7 +160,7 @@ class WorkerHandle:
                 return
             self._stopped = True
         with contextlib.suppress(OSError):
-            wire.send(self._tasks, None)
+            send(self._tasks, None)
         self.process.join(timeout_s)
         if self.process.is_alive():
             self.process.kill()
