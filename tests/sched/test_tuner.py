@@ -80,6 +80,27 @@ def test_hill_climb_stops_on_a_plateau() -> None:
     assert result.best == Setting(64, 1, 2) and len(calls) <= 4
 
 
+def test_hill_climb_measures_a_drop_again_before_stopping() -> None:
+    """A stall during one run made the way up look like a drop: measured again, the climb goes on past it."""
+    true_qps = {32: 15.0, 64: 40.0, 128: 60.0, 256: 95.0, 512: 87.0}
+    stalled = {Setting(128, 2, 1)}  # its first run met a stall
+    calls = []
+
+    def evaluate(s: Setting) -> Capacity:
+        calls.append(s)
+        if s in stalled:
+            stalled.discard(s)
+            return Capacity(qps=30.0, probes=())
+        return Capacity(qps=true_qps[s.batch_size] if s.num_workers == 2 else 5.0, probes=())
+
+    result = hill_climb(evaluate, Setting(64, 2, 1), cores=2, max_batch=512)
+    assert result.best == Setting(256, 2, 1) and result.best_qps == 95.0
+    assert result.tried[Setting(128, 2, 1)].qps == 60.0  # the better of its two runs
+    # each drop costs one more run, once per setting: 128 at the start, 512 at the top
+    assert calls.count(Setting(128, 2, 1)) == 2 and calls.count(Setting(512, 2, 1)) == 2
+    assert len(calls) == len(set(calls)) + 2
+
+
 def test_neighbours_move_t_only_with_an_accelerator() -> None:
     start = Setting(64, 2, 1)
     assert all(s.accelerator_threshold is None for s in neighbours(start, 2, 512))

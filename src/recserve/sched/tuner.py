@@ -129,8 +129,13 @@ def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: i
                min_gain: float = 0.05, max_steps: int = 8, accelerator: bool = False,
                tried: dict[Setting, Capacity] | None = None) -> TuneResult:
     """Climb from `start` to the neighbour with the highest capacity until none gains more than min_gain.
-    `tried`: capacities already measured (not measured again)."""
+    `tried`: capacities already measured (not measured again).
+
+    Noise is checked both ways: a small gain is measured again before the climb moves (a lucky run must not
+    lead it), and so is a drop on every side before it stops (one stall of the machine during the best
+    neighbour's run must not end it; that neighbour counts with the better of its two runs)."""
     result = TuneResult(best=start, best_qps=0.0, tried=dict(tried or {}))
+    confirmed: set[Setting] = set()
 
     def capacity(setting: Setting) -> float:
         if setting not in result.tried:
@@ -144,6 +149,10 @@ def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: i
         if not scored:
             break
         best_qps, best = scored[0]
+        if best_qps < current_qps * (1 - min_gain) and best not in confirmed:
+            confirmed.add(best)
+            result.tried[best] = max(result.tried[best], evaluate(best), key=lambda c: c.qps)
+            best_qps = result.tried[best].qps
         if best_qps > current_qps * (1 + min_gain) and best_qps < current_qps * (1 + 2 * min_gain):
             result.tried[best] = evaluate(best)  # a small gain: measure again before moving
             best_qps = result.tried[best].qps
