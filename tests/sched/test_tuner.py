@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recserve.errors import InvalidInputError
-from recserve.sched.tuner import Capacity, Setting, hill_climb, max_qps, neighbours
+from recserve.sched.tuner import Capacity, Setting, hill_climb, max_qps, neighbours, tune_against_baseline
 
 
 def queue_latency(capacity_qps: float, base_ms: float = 5.0) -> callable:
@@ -99,6 +99,18 @@ def test_hill_climb_measures_a_drop_again_before_stopping() -> None:
     # each drop costs one more run, once per setting: 128 at the start, 512 at the top
     assert calls.count(Setting(128, 2, 1)) == 2 and calls.count(Setting(512, 2, 1)) == 2
     assert len(calls) == len(set(calls)) + 2
+
+
+def test_the_climb_reuses_the_baselines_run() -> None:
+    calls = []
+
+    def evaluate(s: Setting) -> Capacity:  # two single-threaded workers serve twice what one two-threaded does
+        calls.append(s)
+        return Capacity(qps=100.0 if s.num_workers == 2 else 50.0, probes=())
+
+    result, baseline = tune_against_baseline(evaluate, max_items=512, cores=2)
+    assert calls[0] == Setting(512, 1, 2) and calls.count(Setting(512, 1, 2)) == 1
+    assert baseline.qps == 50.0 and result.best_qps == 100.0 and result.tried[Setting(512, 1, 2)] == baseline
 
 
 def test_neighbours_move_t_only_with_an_accelerator() -> None:

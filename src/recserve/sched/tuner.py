@@ -174,12 +174,12 @@ def tune_against_baseline(evaluate: Callable[[Setting], Capacity], max_items: in
     with an accelerator, a second climb over T too from the first one's best); the baseline stays the answer if
     nothing beat it. Returns (result, the baseline's capacity)."""
     baseline = static_baseline(max_items, cores)
-    found = evaluate(baseline)
-    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=max_steps)
+    result = hill_climb(evaluate, Setting(min(64, max_items), cores, 1), cores, max_items, max_steps=max_steps,
+                        tried={baseline: evaluate(baseline)})
     if accelerator:  # then T (and the rest) from the CPU-only best: an accelerator can only add to it
         result = hill_climb(evaluate, result.best, cores, max_items, max_steps=max_steps, accelerator=True,
                             tried=result.tried)
-    result.tried.setdefault(baseline, found)
+    found = result.tried[baseline]  # the better of two runs where the climb measured a drop to it again
     if found.qps > result.best_qps:  # the baseline is a valid answer too
         result.best, result.best_qps = baseline, found.qps
     return result, found
