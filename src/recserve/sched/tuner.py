@@ -129,7 +129,7 @@ def hill_climb(evaluate: Callable[[Setting], Capacity], start: Setting, cores: i
                min_gain: float = 0.05, max_steps: int = 8, accelerator: bool = False,
                tried: dict[Setting, Capacity] | None = None) -> TuneResult:
     """Climb from `start` to the neighbour with the highest capacity until none gains more than min_gain.
-    `tried`: capacities already measured (not measured again).
+    `tried`: capacities already measured (measured again only to check a drop, as below).
 
     Noise is checked both ways: a small gain is measured again before the climb moves (a lucky run must not
     lead it), and so is a drop on every side before it stops (one stall of the machine during the best
