@@ -46,3 +46,32 @@ def test_bad_load_parameters_are_named(tmp_path: Path, capsys: pytest.CaptureFix
     assert "qps" in capsys.readouterr().err
     assert main(["bench", "--repo", str(tmp_path), "--sizes", "file"]) == 2
     assert "needs a path" in capsys.readouterr().err
+
+
+def test_each_capacity_search_starts_at_the_best_capacity_found_so_far(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at the last one: after a bad setting, a search that starts at 1 qps rests on probes of a handful of
+    queries, and one slow query there decides the next setting's capacity."""
+    from recserve.config import LoadConfig, SizeDistribution
+    from recserve.loadgen import tuning
+    from recserve.sched.tuner import Capacity, Setting
+
+    def true_qps(s: Setting) -> float:  # single-threaded workers on mid-sized sub-batches win; W=1 k=2 is poor
+        return 2.0 if s.num_workers == 1 and s.batch_size < 512 else {64: 70.0, 128: 90.0}.get(s.batch_size, 50.0)
+
+    applied: list[Setting] = []
+    starts: list[tuple[float, float]] = []  # (start of the search, best capacity found before it)
+    found: list[float] = []
+
+    def fake_capacity(*args: object, **kwargs: object) -> Capacity:
+        starts.append((args[5], max(found, default=5.0)))  # type: ignore[arg-type]
+        found.append(true_qps(applied[-1]))
+        return Capacity(found[-1], ())
+
+    monkeypatch.setattr(tuning, "capacity", fake_capacity)
+    monkeypatch.setattr(tuning, "warm_up", lambda *args: None)
+    load = LoadConfig(model="x", sizes=SizeDistribution(kind="fixed", items=512, max_items=512))
+    result, baseline, _ = tuning.tune(applied.append, lambda: None, None, load, 100.0, cores=2,  # type: ignore[arg-type]
+                                      progress=False)
+    assert result.best == Setting(128, 2, 1) and baseline.qps == 50.0
+    assert Setting(64, 1, 2) in applied  # a poor setting was measured, and the searches after it still start high
+    assert all(start == best for start, best in starts) and len(starts) == len(applied)
