@@ -67,11 +67,6 @@ def children(pid: int) -> list[int]:
             for child in (task / "children").read_text().split()]
 
 
-def own_cpu_s() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
 def cpu_bounds(inprocess_ms: float, served: dict[str, dict]) -> dict:
     """CPU per query decides throughput when every core is busy: the in-process CPU over the served CPU is the
     ratio to expect (`cpu_bound_*`), and over the client's and workers' CPU alone, the ceiling were the server's
@@ -101,12 +96,12 @@ class InProcess:
             for q in queries[:5]:
                 self.model(q.dense, q.sparse)
             latencies = []
-            started, cpu_started = time.perf_counter(), own_cpu_s()
+            started, cpu_started = time.perf_counter(), cpu_s(os.getpid())
             for q in queries:
                 t = time.perf_counter()
                 self.model(q.dense, q.sparse)
                 latencies.append(time.perf_counter() - t)
-            wall, cpu = time.perf_counter() - started, own_cpu_s() - cpu_started
+            wall, cpu = time.perf_counter() - started, cpu_s(os.getpid()) - cpu_started
         return summary(latencies, sum(q.sparse.num_items for q in queries), wall) | {
             "cpu_ms_per_query": round(cpu / len(queries) * 1e3, 3)}
 
@@ -207,7 +202,7 @@ def main() -> None:
             workers = children(server.process.pid)
 
             def cpu() -> dict[str, float]:
-                return {"client": own_cpu_s(), "server": cpu_s(server.process.pid),
+                return {"client": cpu_s(os.getpid()), "server": cpu_s(server.process.pid),
                         "workers": sum(cpu_s(w) for w in workers)}
 
             # in turn, so that the machine's drift (2x within minutes here) falls on every mode alike

@@ -260,7 +260,7 @@ def observed_profile(samples: list[Sample], answers: list[tuple[float, QueryResu
     batch_sizes = tuple(sorted(points))
     curve = LatencyProfile(batch_sizes, {threads: tuple(points[b] for b in batch_sizes)})
     spread = sorted(float(h / curve.service_s(int(b), threads)) for b, h in zip(size_arr, held_arr, strict=True))
-    overheads = tuple(max(0.0, sample.latency_s - result.total_s) for sample, result in matched.values())
+    overheads = tuple(_overhead_s(sample, result) for sample, result in matched.values())
     return dataclasses.replace(curve, overhead_s=float(np.median(overheads)), spread=tuple(spread),
                                overheads=overheads)
 
@@ -268,10 +268,14 @@ def observed_profile(samples: list[Sample], answers: list[tuple[float, QueryResu
 def observed_trace(samples: list[Sample], answers: list[tuple[float, QueryResult]]) -> ServiceTrace:
     """The run's timings per query in schedule order (`samples` as `run_load` returns them)."""
     matched = _matched(samples, answers)
-    held = tuple(matched[i][1].held_s if i in matched else None for i in range(len(samples)))
-    overheads = tuple(max(0.0, matched[i][0].latency_s - matched[i][1].total_s) if i in matched else 0.0
-                      for i in range(len(samples)))
-    return ServiceTrace(held, overheads)
+    pairs = [matched.get(i) for i in range(len(samples))]
+    return ServiceTrace(held_s=tuple(None if pair is None else pair[1].held_s for pair in pairs),
+                        overhead_s=tuple(0.0 if pair is None else _overhead_s(*pair) for pair in pairs))
+
+
+def _overhead_s(sample: Sample, result: QueryResult) -> float:
+    """What a query spent outside the executor: reaching it, and its answer coming back."""
+    return max(0.0, sample.latency_s - result.total_s)
 
 
 def _matched(samples: list[Sample], answers: list[tuple[float, QueryResult]]

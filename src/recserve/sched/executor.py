@@ -278,8 +278,8 @@ class Executor:
     def apply(self, setting: Setting) -> None:
         """Put a tuner's setting into force (the server's equivalent over HTTP is `loadgen.tuning.HttpControl`)."""
         self.set_knobs(batch_size=setting.batch_size, num_workers=setting.num_workers,
-                              threads_per_worker=setting.threads_per_worker,
-                              accelerator_threshold=setting.accelerator_threshold)
+                       threads_per_worker=setting.threads_per_worker,
+                       accelerator_threshold=setting.accelerator_threshold)
 
     @property
     def latency_target_s(self) -> float:
