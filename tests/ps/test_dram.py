@@ -289,16 +289,25 @@ def _hammer_row(key: int, version: int) -> np.ndarray:
 
 def _hammer_reader(handles: list[DramTableHandle], seconds: float, seed: int, queue: mp.Queue) -> None:
     tier = DramTier.attach(handles)
-    tier.lookup("t", np.arange(4, dtype=np.int64))  # compile or load the kernel before the clock starts
+    tier.lookup("t", np.arange(4, dtype=np.int64))  # compile or load the kernels before the clock starts
+    tier.lookup_pooled("t", np.arange(4, dtype=np.int64), np.arange(5, dtype=np.int64))
     rng = np.random.default_rng(seed)
     observed: set[tuple[int, int]] = set()
     torn = hits = reads = 0
+    pooled = False
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         keys = np.unique(rng.integers(0, HAMMER_KEYS, 32)).astype(np.int64)
-        result = tier.lookup("t", keys)
+        pooled = not pooled  # every other read pools, one key per bag: each bag's sum is its one row
+        if pooled:
+            bags = tier.lookup_pooled("t", keys, np.arange(keys.size + 1, dtype=np.int64))
+            rows, found = bags.pooled, np.ones(keys.size, dtype=bool)
+            found[bags.missing] = False
+        else:
+            result = tier.lookup("t", keys)
+            rows, found = result.rows, result.found
         reads += keys.size
-        for key, row in zip(keys[result.found].tolist(), result.rows[result.found], strict=True):
+        for key, row in zip(keys[found].tolist(), rows[found], strict=True):
             hits += 1
             if not (row == row[0]).all() or int(row[0]) // 100_000 != key:
                 torn += 1

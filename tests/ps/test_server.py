@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,137 @@ def test_an_update_during_a_lookup_is_not_undone_by_its_promotion(tmp_path: Path
         np.testing.assert_array_equal(seen["rows"], rows_for(keys, DIM, version=1))  # read before the update
         assert not dram.lookup("t", keys).found.any()  # its promotion was dropped
         np.testing.assert_array_equal(ps.lookup("t", keys).numpy(), rows_for(keys, DIM, version=2))
+
+
+# --- pooled lookups ---------------------------------------------------------------------------------------
+
+
+def pool_reference(reference: dict[int, np.ndarray], keys: list[int], offsets: np.ndarray, mode: str,
+                   default: np.ndarray) -> np.ndarray:
+    """Each bag's rows from a plain dict, pooled in plain Python."""
+    bags = []
+    for start, stop in itertools.pairwise(offsets):
+        rows = [reference.get(k, default) for k in keys[start:stop]]
+        total = np.sum(rows, axis=0, dtype=np.float64) if rows else np.zeros(default.size)
+        bags.append(total / max(len(rows), 1) if mode == "mean" else total)
+    return np.array(bags, dtype=np.float32).reshape(len(bags), default.size)
+
+
+pooled_ops = st.tuples(
+    st.sampled_from(["insert", "update", "evict", "pool"]),
+    st.lists(st.integers(0, 30), min_size=0, max_size=24),
+    st.lists(st.integers(0, 24), max_size=6),  # where bags end (sorted); empty and repeated cuts allowed
+    st.sampled_from(["sum", "mean"]),
+)
+
+
+@pytest.mark.parametrize("capacity", [6, 1000], ids=["small-dram-deduplicates", "big-dram-fuses"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(pooled_ops, min_size=1, max_size=20))
+def test_pooled_lookups_equal_pooling_a_dicts_rows(tmp_path_factory: pytest.TempPathFactory, capacity: int,
+                                                   ops: list) -> None:
+    """Through a DRAM tier that evicts (its hits pooled, its misses read from RocksDB and promoted), every bag
+    pools the last rows written, with the default row for keys never written."""
+    store = tmp_path_factory.mktemp("store")
+    default = np.arange(DIM, dtype=np.float32) / 10
+    config = make_ps_config(store, [make_table(dram_capacity_rows=capacity, default_value=default.tolist())],
+                            partitions=2, target=0.5)
+    reference: dict[int, np.ndarray] = {}
+    with HierarchicalPS.from_config(config) as ps:
+        for step, (kind, keys, cuts, mode) in enumerate(ops):
+            keys_arr = np.asarray(keys, dtype=np.int64)
+            if kind in ("insert", "update") and keys:
+                rows = rows_for(keys_arr, DIM, version=step)
+                getattr(ps, kind)("t", keys_arr, rows)
+                reference.update(zip(keys, rows, strict=True))
+            elif kind == "evict":
+                ps.tiers[0].evict("t", np.unique(keys_arr))
+            offsets = np.array([0, *sorted(min(c, len(keys)) for c in cuts), len(keys)], dtype=np.int64)
+            pooled = ps.lookup_pooled("t", keys_arr, offsets, mode)
+            expected = pool_reference(reference, keys, offsets, mode, default)
+            np.testing.assert_allclose(pooled, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("dram", "capacity", "num_asked"), [
+    (True, 40_000, 8_000),  # the fused kernel, parallel: a batch small next to the table
+    (True, 40_000, 1_000),  # the fused kernel on the caller's thread
+    (True, 2_000, 20_000),  # deduplicated first: the batch repeats most keys of the table
+    (False, 0, 20_000),  # no DRAM tier: RocksDB reads, pooled
+], ids=["fused-parallel", "fused-serial", "deduplicated", "rocksdb-only"])
+def test_pooled_lookups_match_embedding_bag_over_the_rows(tmp_path: Path, dram: bool, capacity: int,
+                                                         num_asked: int) -> None:
+    keys = np.arange(3000, dtype=np.int64)
+    config = make_ps_config(tmp_path / "s", [make_table(dram_capacity_rows=capacity or None)], dram=dram)
+    rng = np.random.default_rng(0)
+    asked = rng.integers(0, 3100, num_asked)  # 100 keys nowhere: the default row, zeros
+    rows = torch.from_numpy(rows_for(asked, DIM) * (asked < 3000)[:, None])
+    lengths = rng.integers(0, num_asked // 500, 500)  # half the keys, some bags empty ...
+    lengths[-1] += asked.size - lengths.sum()  # ... and the other half in one long bag at the end
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    with HierarchicalPS.from_config(config) as ps:
+        ps.import_table("t", keys, rows_for(keys, DIM))
+        ps.lookup("t", keys[::3])  # a third promoted into the DRAM tier, the rest only in RocksDB
+        for _ in range(2):  # then all of them, promoted by the first round
+            for mode in ("sum", "mean"):
+                expected = torch.nn.functional.embedding_bag(
+                    torch.arange(asked.size), rows, torch.from_numpy(offsets), mode=mode, include_last_offset=True
+                )
+                np.testing.assert_allclose(ps.lookup_pooled("t", asked, offsets, mode), expected.numpy(),
+                                           rtol=1e-5)
+        if dram:
+            assert ps.stats().tables["t"].tiers["dram"].hits > num_asked
+
+
+def test_float16_tables_pool_their_float32_rows(tmp_path: Path) -> None:
+    config = make_ps_config(tmp_path / "s", [make_table(dtype="float16", dram_capacity_rows=8)], partitions=2)
+    keys = np.arange(40, dtype=np.int64)
+    rows = np.random.default_rng(0).normal(size=(40, DIM)).astype(np.float32)
+    with HierarchicalPS.from_config(config) as ps:
+        ps.import_table("t", keys, rows)
+        asked, offsets = np.array([1, 2, 2, 30, 5]), np.array([0, 3, 3, 5])
+        for _ in range(2):
+            expected = ps.lookup("t", asked).numpy()
+            pooled = ps.lookup_pooled("t", asked, offsets)
+            np.testing.assert_allclose(pooled, [expected[:3].sum(0), np.zeros(DIM), expected[3:].sum(0)],
+                                       rtol=1e-6)
+
+
+@pytest.mark.parametrize(("capacity", "dram_hits", "unique_keys"), [
+    (1000, 3, 4),  # fused: the DRAM tier reads key 1 twice and counts both
+    (4, 2, 3),  # a batch large next to the table: deduplicated before the DRAM tier reads it
+])
+def test_pooled_lookups_count_what_each_tier_read(tmp_path: Path, capacity: int, dram_hits: int,
+                                                  unique_keys: int) -> None:
+    config = make_ps_config(tmp_path / "s", [make_table(dram_capacity_rows=capacity)], partitions=2)
+    with HierarchicalPS.from_config(config) as ps:
+        ps.import_table("t", np.arange(10, dtype=np.int64), rows_for(np.arange(10), DIM))
+        ps.lookup("t", [1, 2])  # promoted into the DRAM tier
+        before = ps.stats().tables["t"]
+        ps.lookup_pooled("t", [1, 1, 2, 7, 7, 7], [0, 3, 6])  # 7 only in RocksDB
+        after = ps.stats().tables["t"]
+    assert after.tiers["dram"].hits - before.tiers["dram"].hits == dram_hits
+    assert after.tiers["dram"].misses - before.tiers["dram"].misses == 1  # misses: distinct keys, always
+    assert after.tiers["rocksdb"].hits - before.tiers["rocksdb"].hits == 1
+    assert (after.keys - before.keys, after.unique_keys - before.unique_keys) == (6, unique_keys)
+
+
+def test_bad_bags_are_refused_with_what_is_wrong(ps: HierarchicalPS) -> None:
+    keys = np.arange(4, dtype=np.int64)
+    ps.insert("t", keys, rows_for(keys, DIM))
+    with pytest.raises(InvalidInputError, match=r"from 0 to the 4 keys, got 1\.\.4"):
+        ps.lookup_pooled("t", keys, [1, 4])
+    with pytest.raises(InvalidInputError, match=r"from 0 to the 4 keys, got 0\.\.5"):
+        ps.lookup_pooled("t", keys, [0, 5])
+    with pytest.raises(InvalidInputError, match="must not decrease"):
+        ps.lookup_pooled("t", keys, [0, 3, 2, 4])
+    with pytest.raises(InvalidInputError, match="offsets must be a non-empty 1-D integer array, got float64"):
+        ps.lookup_pooled("t", keys, [0.0, 4.0])
+    with pytest.raises(InvalidInputError, match="non-empty"):
+        ps.lookup_pooled("t", keys, [])
+    with pytest.raises(InvalidInputError, match="pooling mode must be 'sum' or 'mean', got 'max'"):
+        ps.lookup_pooled("t", keys, [0, 4], "max")
+    with pytest.raises(NotFoundError, match="unknown table 'nope'"):
+        ps.lookup_pooled("nope", keys, [0, 4])
+    assert ps.lookup_pooled("t", [], [0]).shape == (0, DIM)  # no bags
+    np.testing.assert_array_equal(ps.lookup_pooled("t", [], [0, 0]), np.zeros((1, DIM)))  # one empty bag
+    np.testing.assert_array_equal(ps.lookup_pooled("t", keys, [0, 4]), rows_for(keys, DIM).sum(0, keepdims=True))

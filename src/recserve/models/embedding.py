@@ -1,7 +1,7 @@
 """Embedding modules every model receives in its constructor (as TorchRec's): one interface, two homes.
 
-- `PooledEmbedding`: rows come from the HierarchicalPS, one deduplicated lookup per table per batch (the
-  serving path; tables far bigger than memory).
+- `PooledEmbedding`: rows come from the HierarchicalPS, one lookup per table per batch (the serving path;
+  tables far bigger than memory).
 - `LocalEmbedding`: rows live in `nn.EmbeddingBag` parameters (training, and the in-RAM speed limit).
 
 Both map a SparseBatch to {table: [num_items, dim]} pooled rows, and give sequence tables as
@@ -44,7 +44,8 @@ def _check_sequence(batch: SparseBatch, table: TableSpec, owner: str) -> None:
 
 
 class PooledEmbedding(nn.Module):
-    """PS-backed embedding: deduplicates each table's keys, looks them up once, pools per item."""
+    """PS-backed embedding: one pooled lookup per table (`HierarchicalPS.lookup_pooled`); sequence tables
+    deduplicate their keys, look each up once and expand."""
 
     def __init__(self, ps: HierarchicalPS, tables: Sequence[TableSpec], mode: PoolingMode = "sum",
                  owner: str = "model") -> None:
@@ -62,10 +63,9 @@ class PooledEmbedding(nn.Module):
         for spec in self.specs:
             if not spec.pooled:
                 continue
-            rows, inverse = self._unique_rows(spec.name, batch.keys[spec.name])
-            pooled[spec.name] = F.embedding_bag(
-                inverse, rows, batch.offsets[spec.name].cpu(), mode=self.mode, include_last_offset=True
-            )
+            pooled[spec.name] = torch.from_numpy(self.ps.lookup_pooled(
+                spec.name, batch.keys[spec.name].cpu().numpy(), batch.offsets[spec.name].cpu().numpy(), self.mode
+            ))
         return pooled
 
     def sequence(self, batch: SparseBatch, table: TableSpec) -> torch.Tensor:

@@ -224,6 +224,66 @@ def lookup_kernel_serial(clock, part, slots, rec, values, keys, out, found, num_
                  track_count)
 
 
+POOL_BLOCK = 1024  # keys looked up into a scratch block before it is added into bags: the block stays in L2
+
+
+@njit(inline="always", cache=True)
+def pool_bags(clock_now, part, slots, rec, values, keys, offsets, out, found, b0, b1, num_slots, words, offset,
+              track_count):
+    """out[b] += the row of every key of bags b0..b1 that is found, in blocks of POOL_BLOCK keys."""
+    lo, hi = offsets[b0], offsets[b1]
+    dim = out.shape[1]
+    block = np.empty((min(POOL_BLOCK, hi - lo), values.shape[1]), dtype=values.dtype)
+    where = np.empty(block.shape[0], dtype=np.int64)
+    b = b0
+    for start in range(lo, hi, POOL_BLOCK):
+        stop = min(hi, start + POOL_BLOCK)
+        hits = found[start:stop]
+        lookup_range(clock_now + start, part, slots, rec, values, keys[start:stop], block, hits, where,
+                     0, stop - start, num_slots, words, offset, track_count)
+        for k in range(start, stop):
+            while offsets[b + 1] <= k:
+                b += 1
+            if hits[k - start]:
+                for c in range(dim):
+                    out[b, c] += block[k - start, np.uint64(c)]
+
+
+@njit(cache=True)
+def bag_tasks(offsets, keys_per_task):
+    """Bag boundaries cutting the bags into runs of about keys_per_task keys (a bag is never split)."""
+    bounds = [0]
+    for b in range(1, offsets.size - 1):
+        if offsets[b] - offsets[bounds[-1]] >= keys_per_task:
+            bounds.append(b)
+    bounds.append(offsets.size - 1)
+    return np.array(bounds, dtype=np.int64)
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def pooled_lookup_kernel(clock, part, slots, rec, values, keys, offsets, out, found, num_slots, words, offset,
+                         track_count):
+    """out[b] = sum of the rows of keys[offsets[b]:offsets[b + 1]] that are found; found[i] per key.
+
+    The lookup and the pooling in one pass, without deduplicating first: a repeated key's slot and row are
+    still in cache, so reading it again costs less than hashing every key into a unique set, materialising
+    one row per key and pooling those. Runs of whole bags go to threads, so no two threads add into one bag.
+    """
+    now = fetch_add(clock, CLOCK_ACCESS, keys.size)
+    tasks = bag_tasks(offsets, CHUNK)
+    for t in prange(tasks.size - 1):
+        pool_bags(now, part, slots, rec, values, keys, offsets, out, found, tasks[t], tasks[t + 1],
+                  num_slots, words, offset, track_count)
+
+
+@njit(nogil=True, cache=True)
+def pooled_lookup_kernel_serial(clock, part, slots, rec, values, keys, offsets, out, found, num_slots, words,
+                                offset, track_count):
+    now = fetch_add(clock, CLOCK_ACCESS, keys.size)
+    pool_bags(now, part, slots, rec, values, keys, offsets, out, found, 0, offsets.size - 1, num_slots, words,
+              offset, track_count)
+
+
 @njit(inline="always", cache=True)
 def write_record(rec, values, r, words, offset, key, row):
     head = r * words

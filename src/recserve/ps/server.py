@@ -31,7 +31,8 @@ from recserve.config import PSConfig, TableConfig
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps.cache import CacheTier
 from recserve.ps.keys import as_keys, unique_inverse
-from recserve.ps.tiers import Tier, TierTableStats, check_rows
+from recserve.ps.pooling import add_to_bags, as_offsets
+from recserve.ps.tiers import PoolingTier, Tier, TierTableStats, check_rows
 from recserve.stats import HistogramSnapshot, LatencyHistogram
 
 if TYPE_CHECKING:
@@ -98,6 +99,11 @@ class HierarchicalPS:
             t.name: [tier for tier in tiers if not isinstance(tier, CacheTier) or tier.caches(t.name)]
             for t in tables
         }
+        # the first tier of each table when it can look up and pool in one pass (see lookup_pooled)
+        self._pooling_tier_of = {
+            name: held[0] if held and isinstance(held[0], PoolingTier) else None
+            for name, held in self._tiers_of.items()
+        }
         self._defaults = {t.name: t.default_row() for t in tables}
         self._counters = {t.name: self._new_counters() for t in tables}
         self._lock = threading.Lock()
@@ -157,6 +163,49 @@ class HierarchicalPS:
             counters.unique_keys += unique.size
         # unique keys come in order of first appearance: with no repeats, rows are already in key order
         return rows if inverse is None or unique.size == keys.size else rows[inverse]
+
+    def lookup_pooled(self, table: str, keys: object, offsets: object, mode: str = "sum") -> np.ndarray:
+        """Rows of each bag keys[offsets[b]:offsets[b + 1]] pooled ("sum" or "mean"), [len(offsets) - 1, dim].
+
+        Equal to pooling `lookup`'s rows, and faster: a first tier that can pool (the DRAM tier) looks up
+        and sums in one pass, deduplicating only where that pays; its misses are deduplicated and read through
+        the tiers below (and promoted), as `lookup` does. Where it did not deduplicate, its hits count once
+        per occurrence in `unique_keys` and its hit counter.
+        """
+        if mode not in ("sum", "mean"):
+            raise InvalidInputError(f"table '{table}': pooling mode must be 'sum' or 'mean', got {mode!r}")
+        self.table(table)  # an unknown table: NotFoundError naming the known ones
+        keys = as_keys(keys, table)
+        offsets = as_offsets(offsets, keys.size, table)
+        pooled, missing = self._pool_in_first_tier(table, keys, offsets)
+        unique = missing
+        if missing.size:
+            unique, inverse = unique_inverse(keys[missing])
+            add_to_bags(pooled, offsets, missing, self._lookup_unique(table, unique), inverse)
+        with self._lock:
+            counters = self._counters[table]
+            counters.lookups += 1
+            counters.keys += keys.size
+            counters.unique_keys += unique.size
+        if mode == "mean":
+            pooled /= np.maximum(np.diff(offsets), 1)[:, None]
+        return pooled
+
+    def _pool_in_first_tier(self, table: str, keys: np.ndarray, offsets: np.ndarray
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """(pooled rows of the keys the first tier holds, positions of the others): all of them if it cannot pool."""
+        first = self._pooling_tier_of[table]
+        if first is None or keys.size == 0:
+            return np.zeros((offsets.size - 1, self._tables[table].dim), dtype=np.float32), np.arange(keys.size)
+        started = time.perf_counter()
+        result = first.lookup_pooled(table, keys, offsets)
+        elapsed = time.perf_counter() - started
+        with self._lock:
+            counters = self._counters[table]
+            counters.latency[first.name].record(elapsed)
+            counters.hits[first.name] += result.hits  # its misses count when read through below
+            counters.unique_keys += result.hits
+        return result.pooled, result.missing
 
     def _lookup_unique(self, table: str, keys: np.ndarray) -> np.ndarray:
         tiers = self._tiers_of[table]

@@ -21,6 +21,13 @@ class LookupResult:
 
 
 @dataclass(frozen=True, slots=True)
+class PooledResult:
+    pooled: np.ndarray  # [num_bags, dim] float32: each bag's found rows, summed
+    missing: np.ndarray  # positions of the keys not found, increasing
+    hits: int  # keys read and found: distinct keys if the tier deduplicated them, else every occurrence
+
+
+@dataclass(frozen=True, slots=True)
 class TierTableStats:
     """What a tier holds of one table and what its capacity policy did."""
 
@@ -83,3 +90,13 @@ def check_rows(table: str, rows: np.ndarray, num_keys: int, dim: int) -> None:
         raise InvalidInputError(
             f"table '{table}': rows must have shape ({num_keys}, {dim}) for {num_keys} keys, got {rows.shape}"
         )
+
+
+@runtime_checkable
+class PoolingTier(Protocol):
+    """A tier that can also look up and pool in one pass (the DRAM tier): the PS then skips deduplicating
+    whatever this tier holds, and sends only its misses down the other tiers."""
+
+    def lookup_pooled(self, table: str, keys: np.ndarray, offsets: np.ndarray) -> PooledResult:
+        """Per bag keys[offsets[b]:offsets[b + 1]], the sum of the rows this tier holds; where the others are."""
+        ...
