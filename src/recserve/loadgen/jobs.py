@@ -97,7 +97,7 @@ def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float |
     baseline_setting = static_baseline(load.sizes.max_items, os.cpu_count() or 1)
     print(f"p{percentile:g} target {target_ms:g} ms; capacity (queries/s) of every setting tried:")
     for setting, found in sorted(result.tried.items(), key=lambda pair: -pair[1].qps):
-        mark = " <- best" if setting == result.best else " (baseline)" if setting == baseline_setting else ""
+        mark = (" (baseline)" if setting == baseline_setting else "") + (" <- best" if setting == result.best else "")
         print(f"  {setting!s:<24} {found.qps:10.1f}{mark}")
     if not result.feasible:
         print(f"no setting meets p{percentile:g} <= {target_ms:g} ms at any load: raise the target "
