@@ -10,7 +10,9 @@ flags), driven in a closed loop by `--clients` tritonclient clients, each with o
 server share the machine's cores, as a sidecar client would. The three modes run in turn, `--rounds` times, and
 each mode's median run counts: the machine's speed drifts by 2x within minutes. The last line is one JSON object:
 `grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s), `p50_1item_ms` (gRPC, one
-client, 1-item queries: the server's own overhead), and the raw figures. With them, the CPU each 256-item query
+client, 1-item queries: the server's own overhead), the same query's in-process p50 back to back and after
+8 ms idle (`inprocess_1item_hot_ms`, `inprocess_1item_after_idle_ms`: what a woken core costs here), and the
+raw figures. With them, the CPU each 256-item query
 cost in-process and served (client, server process, workers; from /proc): on a machine whose every core is busy,
 their quotient is the throughput ratio to expect, and without the server process's share, its ceiling.
 """
@@ -104,6 +106,21 @@ class InProcess:
             wall, cpu = time.perf_counter() - started, cpu_s(os.getpid()) - cpu_started
         return summary(latencies, sum(q.sparse.num_items for q in queries), wall) | {
             "cpu_ms_per_query": round(cpu / len(queries) * 1e3, 3)}
+
+    def one_item_p50_ms(self, queries: list[Query], idle_s: float, count: int = 200) -> float:
+        """p50 of 1-item queries called one at a time, each after idle_s of sleep: on this machine a core that
+        sat idle for a few ms runs the same work 2-2.5x slower than one kept busy, and a served query always
+        wakes one (a one-client loop leaves the server idle while the answer travels back)."""
+        latencies = []
+        with torch.inference_mode():
+            for i in range(count):
+                if idle_s:
+                    time.sleep(idle_s)
+                q = queries[i % len(queries)]
+                t = time.perf_counter()
+                self.model(q.dense, q.sparse)
+                latencies.append(time.perf_counter() - t)
+        return round(float(np.percentile(latencies, 50)) * 1e3, 3)
 
     def close(self) -> None:
         self.ps.close()
@@ -213,6 +230,11 @@ def main() -> None:
                 runs["http"].append(closed_loop(http_call(pool), num_queries, args.clients, ITEMS, cpu))
                 print(f"round {round_ + 1}: " + ", ".join(f"{mode} {r[-1]['items_per_s']:.0f} items/s"
                                                           for mode, r in runs.items()), flush=True)
+            torch.set_num_threads(1)  # as a worker runs it (k = 1)
+            one_item_hot = local_model.one_item_p50_ms(one_item, idle_s=0)
+            one_item_after_idle = local_model.one_item_p50_ms(one_item, idle_s=0.008)
+            print(f"1-item in-process p50: {one_item_hot} ms back to back, {one_item_after_idle} ms after 8 ms idle",
+                  flush=True)
             local_model.close()  # its threads and memory stay out of the latency runs
             local, served_grpc, served_http = (median_run(runs[mode]) for mode in ("inprocess", "grpc", "http"))
             print(f"in-process      {local}\nserved gRPC     {served_grpc}\nserved HTTP     {served_http}", flush=True)
@@ -230,6 +252,7 @@ def main() -> None:
         "http_vs_inprocess": round(served_http["items_per_s"] / local["items_per_s"], 3),
         "p50_1item_ms": one_grpc["p50_ms"],
         "p50_1item_http_ms": one_http["p50_ms"],
+        "inprocess_1item_hot_ms": one_item_hot, "inprocess_1item_after_idle_ms": one_item_after_idle,
         **cpu_bounds(local["cpu_ms_per_query"], {"grpc": served_grpc, "http": served_http}),
         "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_1item": one_grpc, "http_1item": one_http,
         "rounds": {mode: [r["items_per_s"] for r in mode_runs] for mode, mode_runs in runs.items()},
