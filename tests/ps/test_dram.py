@@ -163,6 +163,36 @@ def test_matches_reference_model(shm_dir: Path, policy: str, partitions: int, ca
         tier.close()
 
 
+@pytest.mark.parametrize("policy", ["evict_lru", "evict_lfu"])
+@pytest.mark.parametrize("read", ["lookup", "lookup_pooled"])
+def test_reading_rows_counts_as_use_for_eviction(shm_dir: Path, policy: str, read: str) -> None:
+    """LRU: the oldest row, once read, outlives the rows inserted after it. LFU: a row read twice outlives rows
+    read once since (more recent, less used)."""
+    tier = make_tier(shm_dir, policy, 1, 8, 0.5)
+
+    def read_rows(keys: np.ndarray) -> None:
+        if read == "lookup":
+            tier.lookup("t", keys)
+        else:
+            tier.lookup_pooled("t", keys, np.array([0, keys.size], dtype=np.int64))
+
+    try:
+        capacity = tier.table("t").handle.capacity
+        keys = np.arange(capacity, dtype=np.int64)
+        tier.insert("t", keys, rows_for(keys, DIM))
+        read_rows(keys[:1])
+        if policy == "evict_lfu":
+            read_rows(keys[:1])
+            read_rows(keys[1:])
+        tier.insert("t", np.array([1000]), rows_for(np.array([1000]), DIM))  # full: evicts down to half
+        held = set(tier.table("t").held_keys().tolist())
+        assert 0 in held and 1000 in held and len(held) <= capacity // 2 + 1
+        if policy == "evict_lru":
+            assert held.isdisjoint(range(1, capacity // 2))  # the older rows never read went
+    finally:
+        tier.close()
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(op_strategy, min_size=1, max_size=30), capacity=st.integers(1, 10))
 def test_random_eviction_keeps_latest_rows_within_capacity(shm_dir: Path, ops: list, capacity: int) -> None:

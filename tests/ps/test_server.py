@@ -276,8 +276,8 @@ def test_pooled_lookups_match_embedding_bag_over_the_rows(tmp_path: Path, dram: 
                 )
                 np.testing.assert_allclose(ps.lookup_pooled("t", asked, offsets, mode), expected.numpy(),
                                            rtol=1e-5)
-        if dram:
-            assert ps.stats().tables["t"].tiers["dram"].hits > num_asked
+        if capacity > keys.size:  # the table fits: the second round found every key it holds in DRAM
+            assert ps.stats().tables["t"].tiers["dram"].hits >= int((asked < 3000).sum())
 
 
 def test_float16_tables_pool_their_float32_rows(tmp_path: Path) -> None:

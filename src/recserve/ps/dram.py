@@ -173,7 +173,7 @@ class DramTable:
         if not fused or h.dtype != "float32":
             unique, inverse = unique_inverse(keys)
             result = self.lookup(unique)
-            hits = np.count_nonzero(result.found)
+            hits = int(np.count_nonzero(result.found))
             if hits == unique.size:
                 return PooledResult(pool(result.rows, inverse, offsets), missing=np.empty(0, np.int64), hits=hits)
             found = result.found[inverse]
