@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
@@ -427,6 +429,44 @@ def test_large_batches_run_the_parallel_kernel_and_agree_with_small_ones(shm_dir
         np.testing.assert_array_equal(big.rows[:n], rows_for(keys, DIM))
         small = tier.lookup("t", asked[:50])
         np.testing.assert_array_equal(small.rows, big.rows[:50])
+    finally:
+        tier.close()
+
+
+def _guarded_copy(array: np.ndarray) -> tuple[mmap.mmap, np.ndarray]:
+    """A copy of array that ends exactly where an unreadable page begins: reading past its end faults."""
+    page = mmap.PAGESIZE
+    readable = -(-array.nbytes // page) * page
+    region = mmap.mmap(-1, readable + page)
+    libc = ctypes.CDLL(None, use_errno=True)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(region))
+    assert libc.mprotect(ctypes.c_void_p(address + readable), page, 0) == 0  # PROT_NONE
+    copy = np.frombuffer(region, dtype=array.dtype, count=array.size, offset=readable - array.nbytes)
+    copy[:] = array
+    return region, copy
+
+
+def test_pooled_lookups_read_no_further_than_the_last_row(shm_dir: Path) -> None:
+    """Reading a full table's last record stops at the record's end: the records are copied in front of an
+    unreadable page, and the pooled kernel reads every row (a copy of the record's whole width from the
+    values' offset once read 32 bytes past it)."""
+    tier = make_tier(shm_dir, "evict_lru", 1, 16, 0.8)
+    table = tier.table("t")
+    try:
+        h = table.handle
+        keys = np.arange(h.capacity, dtype=np.int64)
+        tier.insert("t", keys, rows_for(keys, DIM))
+        region, rec = _guarded_copy(table.rec)
+        values = rec.view(np.float32).reshape(table.values.shape)
+        pooled = np.zeros((keys.size, DIM), dtype=np.float32)
+        found = np.zeros(keys.size, dtype=np.bool_)
+        offsets = np.arange(keys.size + 1, dtype=np.int64)
+        hm.pooled_lookup_kernel_serial(table.clock, table.part, table.slots, rec, values, keys, offsets, pooled,
+                                       found, h.num_slots, h.words, hm.RECORD_HEADER_WORDS * 2, False)
+        assert found.all()
+        np.testing.assert_array_equal(pooled, rows_for(keys, DIM))
+        del rec, values
+        region.close()
     finally:
         tier.close()
 

@@ -240,7 +240,7 @@ def pool_bags(clock_now, part, slots, rec, values, keys, offsets, out, found, b0
     """out[b] += the row of every key of bags b0..b1 that is found, in blocks of POOL_BLOCK keys."""
     lo, hi = offsets[b0], offsets[b1]
     dim = out.shape[1]
-    block = np.empty((min(POOL_BLOCK, hi - lo), values.shape[1]), dtype=values.dtype)
+    block = np.empty((min(POOL_BLOCK, hi - lo), dim), dtype=values.dtype)  # a row's values, not its record
     where = np.empty(block.shape[0], dtype=np.int64)
     b = b0
     for start in range(lo, hi, POOL_BLOCK):
