@@ -115,11 +115,17 @@ def make_tier(tmp_shm: Path, policy: str, partitions: int, capacity: int, target
 def shm_dir(tmp_path: Path) -> Path:
     """A private folder for the tier's files (tmpfs-backed /dev/shm is the default outside tests)."""
     path = Path("/dev/shm") / f"recserve-test-{tmp_path.name}"
+    _remove(path)  # left by a run that crashed: the test's name repeats from run to run
     path.mkdir()
     yield path
-    for leftover in path.iterdir():
-        leftover.unlink()
-    path.rmdir()
+    _remove(path)
+
+
+def _remove(folder: Path) -> None:
+    if folder.exists():
+        for leftover in folder.iterdir():
+            leftover.unlink()
+        folder.rmdir()
 
 
 keys_strategy = st.lists(st.integers(min_value=-3, max_value=40), min_size=0, max_size=24)
