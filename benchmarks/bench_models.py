@@ -103,5 +103,6 @@ def main() -> None:
         "rmc1_private_vs_embeddingbag_256": None if rmc1_private_ratio is None else round(rmc1_private_ratio, 4),
     }))
 
+
 if __name__ == "__main__":
     main()

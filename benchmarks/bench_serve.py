@@ -12,9 +12,9 @@ each mode's median run counts: the machine's speed drifts by 2x within minutes. 
 `grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s), `p50_1item_ms` (gRPC, one
 client, 1-item queries: the server's own overhead), the same query's in-process p50 back to back and after
 8 ms idle (`inprocess_1item_hot_ms`, `inprocess_1item_after_idle_ms`: what a woken core costs here), and the
-raw figures. With them, the CPU each 256-item query
-cost in-process and served (client, server process, workers; from /proc): on a machine whose every core is busy,
-their quotient is the throughput ratio to expect, and without the server process's share, its ceiling.
+raw figures. With them, the CPU each 256-item query cost in-process and served (client, server process,
+workers; from /proc): on a machine whose every core is busy, their quotient is the throughput ratio to expect,
+and without the server process's share, its ceiling.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ class InProcess:
 
     def one_item_p50_ms(self, queries: list[Query], idle_s: float, count: int = 200) -> float:
         """p50 of 1-item queries called one at a time, each after idle_s of sleep: on this machine a core that
-        sat idle for a few ms runs the same work 2-2.5x slower than one kept busy, and a served query always
+        sat idle for a few ms runs the same work 2-3x slower than one kept busy, and a served query always
         wakes one (a one-client loop leaves the server idle while the answer travels back)."""
         latencies = []
         with torch.inference_mode():
