@@ -168,9 +168,10 @@ class HierarchicalPS:
         """Rows of each bag keys[offsets[b]:offsets[b + 1]] pooled ("sum" or "mean"), [len(offsets) - 1, dim].
 
         Equal to pooling `lookup`'s rows, and faster: a first tier that can pool (the DRAM tier) looks up
-        and sums in one pass, deduplicating only where that pays; its misses are deduplicated and read through
-        the tiers below (and promoted), as `lookup` does. Where it did not deduplicate, its hits count once
-        per occurrence in `unique_keys` and its hit counter.
+        and sums in one pass, deduplicating only where that pays; its misses are deduplicated and read as
+        `lookup` reads keys, through every tier again from the first (a row promoted meanwhile is found there;
+        the first tier counts them as its misses), and promoted. Where it did not deduplicate, its hits count
+        once per occurrence in `unique_keys` and its hit counter.
         """
         if mode not in ("sum", "mean"):
             raise InvalidInputError(f"table '{table}': pooling mode must be 'sum' or 'mean', got {mode!r}")
