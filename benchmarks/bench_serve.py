@@ -33,6 +33,7 @@ import torch
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
+from recserve.allocator import retain_freed_memory
 from recserve.config import DramTierConfig, PSConfig, RocksTierConfig
 from recserve.loadgen.targets import triton_inputs
 from recserve.loadgen.workload import Query as LoadQuery
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of in-process, gRPC, HTTP in turn")
     args = parser.parse_args()
     num_queries = args.queries or (60 if args.quick else 400)
+    retain_freed_memory()  # as `recserve serve` does; tritonclient's client here gains from it as much
 
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         repo = Path(tmp)

@@ -1,4 +1,5 @@
-"""Dependencies point one way: errors, config, stats, sparse <- ps <- models <- sched <- serve, loadgen <- cli."""
+"""Dependencies point one way: errors, allocator, config, stats, sparse <- ps <- models <- sched <- serve,
+loadgen <- cli."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "src" / "recserve"
 LAYERS = {  # a module may import its own layer and any lower one
-    "errors": 0, "config": 1, "stats": 1, "synthetic": 1, "sparse": 1,
+    "errors": 0, "allocator": 0, "config": 1, "stats": 1, "synthetic": 1, "sparse": 1,
     "ps": 2, "models": 3, "sched": 4, "serve": 5, "loadgen": 5, "demo": 6, "cli": 7,
 }
 

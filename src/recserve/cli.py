@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from recserve.allocator import retain_freed_memory
 from recserve.errors import RecserveError
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ ImportJobs = list[tuple[str, "TableSource"]]
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    retain_freed_memory()  # every command moves large buffers: serving, loading, importing
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return int(args.run(args) or 0)

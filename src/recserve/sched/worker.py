@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from recserve.allocator import retain_freed_memory
 from recserve.config import TableConfig
 from recserve.errors import InvalidInputError, RecserveError
 from recserve.models.specs import ModelSpec
@@ -107,6 +108,7 @@ def receive(connection: Connection) -> Any:
 def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | None) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then stops its workers
+    retain_freed_memory()  # each sub-batch's activations are large allocations
     _set_threads(1)
     try:
         model, ps = _build_replica(setup, lookups)
