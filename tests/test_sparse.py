@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -100,3 +102,17 @@ def test_read_only_request_buffers_are_shared_when_big_and_copied_when_small() -
     assert batch.keys["big"].tolist() == list(range(20_000))
     assert batch.offsets["big"][-1].item() == 20_000
     assert small_batch.keys["small"].tolist() == list(range(10))
+
+
+def test_sharing_read_only_keys_warns_not_even_the_first_time_in_a_process() -> None:
+    """torch warns once per process about tensors over read-only memory; the batch spends that warning silently."""
+    code = """if True:
+        import warnings
+        import numpy as np
+        from recserve.sparse import SparseBatch
+        keys = np.frombuffer(np.arange(20_000, dtype=np.int64).tobytes(), dtype=np.int64)
+        warnings.simplefilter("error")
+        batch = SparseBatch.from_lengths({"t": (keys, np.full(250, 80))})
+        assert batch.keys["t"].data_ptr() == keys.ctypes.data
+    """
+    subprocess.run([sys.executable, "-c", code], check=True)
