@@ -237,12 +237,14 @@ POOL_BLOCK = 1024  # keys looked up into a scratch block before it is added into
 @njit(inline="always", cache=True)
 def pool_bags(clock_now, part, slots, rec, values, keys, offsets, out, found, b0, b1, num_slots, words, offset,
               track_count):
-    """out[b] += the row of every key of bags b0..b1 that is found, in blocks of POOL_BLOCK keys."""
+    """out[b] += the row of every key of bags b0..b1 that is found, in blocks of POOL_BLOCK keys; returns how
+    many were not found."""
     lo, hi = offsets[b0], offsets[b1]
     dim = out.shape[1]
     block = np.empty((min(POOL_BLOCK, hi - lo), dim), dtype=values.dtype)  # a row's values, not its record
     where = np.empty(block.shape[0], dtype=np.int64)
     b = b0
+    missing = 0
     for start in range(lo, hi, POOL_BLOCK):
         stop = min(hi, start + POOL_BLOCK)
         hits = found[start:stop]
@@ -254,6 +256,9 @@ def pool_bags(clock_now, part, slots, rec, values, keys, offsets, out, found, b0
             if hits[k - start]:
                 for c in range(dim):
                     out[b, c] += block[k - start, np.uint64(c)]
+            else:
+                missing += 1
+    return missing
 
 
 @njit(cache=True)
@@ -270,7 +275,8 @@ def bag_tasks(offsets, keys_per_task):
 @njit(parallel=True, nogil=True, cache=True)
 def pooled_lookup_kernel(clock, part, slots, rec, values, keys, offsets, out, found, num_slots, words, offset,
                          track_count):
-    """out[b] = sum of the rows of keys[offsets[b]:offsets[b + 1]] that are found; found[i] per key.
+    """out[b] = sum of the rows of keys[offsets[b]:offsets[b + 1]] that are found; found[i] per key; returns
+    how many keys were not found.
 
     The lookup and the pooling in one pass, without deduplicating first: a repeated key's slot and row are
     still in cache, so reading it again costs less than hashing every key into a unique set, materialising
@@ -278,17 +284,19 @@ def pooled_lookup_kernel(clock, part, slots, rec, values, keys, offsets, out, fo
     """
     now = fetch_add(clock, CLOCK_ACCESS, keys.size)
     tasks = bag_tasks(offsets, CHUNK)
+    missing = 0
     for t in prange(tasks.size - 1):
-        pool_bags(now, part, slots, rec, values, keys, offsets, out, found, tasks[t], tasks[t + 1],
-                  num_slots, words, offset, track_count)
+        missing += pool_bags(now, part, slots, rec, values, keys, offsets, out, found, tasks[t], tasks[t + 1],
+                             num_slots, words, offset, track_count)
+    return missing
 
 
 @njit(nogil=True, cache=True)
 def pooled_lookup_kernel_serial(clock, part, slots, rec, values, keys, offsets, out, found, num_slots, words,
                                 offset, track_count):
     now = fetch_add(clock, CLOCK_ACCESS, keys.size)
-    pool_bags(now, part, slots, rec, values, keys, offsets, out, found, 0, offsets.size - 1, num_slots, words,
-              offset, track_count)
+    return pool_bags(now, part, slots, rec, values, keys, offsets, out, found, 0, offsets.size - 1, num_slots,
+                     words, offset, track_count)
 
 
 @njit(inline="always", cache=True)

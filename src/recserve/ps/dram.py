@@ -41,6 +41,7 @@ _POLICY_CODES = {
 # FUSED_MAX_KEYS of them (see lookup_pooled)
 DEDUPE_ABOVE_SHARE = 4
 FUSED_MAX_KEYS = 32_768
+_NO_POSITIONS = np.empty(0, dtype=np.int64)
 _STORAGE_DTYPE = {"float32": np.float32, "float16": np.uint16}  # float16 travels as its bits through numba
 
 
@@ -184,12 +185,12 @@ class DramTable:
         pooled = np.zeros((offsets.size - 1, h.dim), dtype=np.float32)
         found = np.empty(keys.size, dtype=np.bool_)
         kernel = hm.pooled_lookup_kernel if keys.size >= hm.PARALLEL_MIN_KEYS else hm.pooled_lookup_kernel_serial
-        kernel(
+        num_missing = kernel(
             self.clock, self.part, self.slots, self.rec, self.values, keys, offsets, pooled, found,
             h.num_slots, h.words, self._offset, h.policy == hm.POLICY_LFU,
         )
-        missing = np.flatnonzero(~found)
-        return PooledResult(pooled=pooled, missing=missing, hits=keys.size - missing.size)
+        missing = np.flatnonzero(~found) if num_missing else _NO_POSITIONS  # finding none costs ~8 us a call
+        return PooledResult(pooled=pooled, missing=missing, hits=keys.size - num_missing)
 
     # --- writes (one writer per table, across threads and processes) ---
 
