@@ -42,4 +42,4 @@ def test_freed_buffers_are_reused_without_new_page_faults() -> None:
     _, faults_default = page_faults("default")
     assert retained == "True"
     assert faults_default > 10 * PEAK_PAGES  # glibc's defaults: most buffers faulted in anew
-    assert faults_retained < 2 * PEAK_PAGES  # the first buffers' pages, then reused
+    assert faults_retained < 4 * PEAK_PAGES  # each thread's first buffers at most (3 threads), then reused
