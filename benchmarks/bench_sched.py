@@ -5,6 +5,7 @@
     python benchmarks/bench_sched.py --models rmc1,ncf --target-scale 2
     python benchmarks/bench_sched.py --sim-only          # only the simulated machines (profiles, no tuning)
     python benchmarks/bench_sched.py --capped-only       # only RMC1 full, DRAM capped at 10% vs all in DRAM
+    python benchmarks/bench_sched.py --skip-capped       # the eight models only (2 s probes)
 
 Each model (`tiny` tables, all in the DRAM tier) is loaded in this process with its worker processes; the load
 is Poisson arrivals of lognormal(5.1, 0.2) items per query (at most 512) with Zipf(1.05) keys, the same seeded
@@ -155,13 +156,14 @@ def main() -> None:
     parser.add_argument("--sim-only", action="store_true", help="profile and simulate; skip the measured tuning")
     parser.add_argument("--capped-only", action="store_true",
                         help="only RMC1 full, DRAM capped at 10%% vs all rows in DRAM (skipped with --quick)")
+    parser.add_argument("--skip-capped", action="store_true", help="the eight models only, without RMC1 full")
     args = parser.parse_args()
     duration_s = 1.0 if args.quick else 2.0
     models, capped = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as scratch:
         for name in [] if args.capped_only else args.models.split(","):
             models[name] = bench_model(name, Path(scratch) / name, duration_s, args.target_scale, not args.sim_only)
-        if not args.quick and not args.sim_only:
+        if not (args.quick or args.sim_only or args.skip_capped):
             capped = bench_capped(Path(scratch) / "rmc1-full", duration_s, CAPPED_SETTING)
     print(json.dumps({"models": models, "cores": os.cpu_count(), "probe_s": duration_s,
                       "target_scale": args.target_scale, **capped}))
