@@ -176,7 +176,7 @@ class DramTable:
             result = self.lookup(unique)
             hits = int(np.count_nonzero(result.found))
             if hits == unique.size:
-                return PooledResult(pool(result.rows, inverse, offsets), missing=np.empty(0, np.int64), hits=hits)
+                return PooledResult(pool(result.rows, inverse, offsets), missing=_NO_POSITIONS, hits=hits)
             found = result.found[inverse]
             positions = np.flatnonzero(found)
             pooled = np.zeros((offsets.size - 1, h.dim), dtype=np.float32)
