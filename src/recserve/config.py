@@ -147,6 +147,8 @@ class RocksTierConfig(StrictModel):
     path: Path = Field(Path("recserve-store"), description="RocksDB directory.")
     read_only: bool = Field(False, description="Open read-only (several processes may then share it).")
     block_cache_bytes: int = Field(256 << 20, ge=0, description="RocksDB block cache size.")
+    mmap_reads: bool = Field(True, description="Read table files through memory maps (faster point reads; a "
+                             "file truncated under a running process then faults instead of erroring).")
     max_get_batch_size: int = Field(10_000, gt=0, description="Keys per RocksDB multi-get call.")
 
 
