@@ -2,10 +2,12 @@
 
     python benchmarks/bench_lookup.py            # 10M keys x 64 float32 (about 8 GB of RAM at peak)
     python benchmarks/bench_lookup.py --quick    # 1M keys, for CI-sized machines
+    python benchmarks/bench_lookup.py --shm-dir /mnt/recserve-huge   # shared memory on huge pages (README)
 
 Batches of 65,536 keys. Prints every figure; the last line is one JSON object whose ratio keys are
 dram_vs_gather, dram_vs_redis, dram_vs_dict, rocks_vs_dbbench, and dram_private_vs_gather (the DRAM tier in
-one process's private memory, which may use huge pages, instead of shared memory).
+one process's private memory, which may use huge pages, instead of shared memory); `shm_huge_pages` says
+whether --shm-dir gives shared memory huge pages.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, TableConfig
-from recserve.ps.dram import DramTier
+from recserve.ps.dram import DramTier, shm_huge_pages
 from recserve.ps.rocks import RocksTier
 from recserve.ps.server import HierarchicalPS
 from recserve.synthetic import ZipfKeys, random_rows
@@ -203,7 +205,9 @@ def main() -> None:
     rng = np.random.default_rng(0)
     rows = random_rows(num_rows, DIM, seed=0)
     batches = [rng.integers(0, num_rows, BATCH).astype(np.int64) for _ in range(16)]
-    figures: dict[str, float | str] = {"num_rows": num_rows, "dim": DIM, "batch": BATCH, "shm_dir": str(args.shm_dir)}
+    figures: dict[str, float | str | bool] = {"num_rows": num_rows, "dim": DIM, "batch": BATCH,
+                                              "shm_dir": str(args.shm_dir),
+                                              "shm_huge_pages": shm_huge_pages(args.shm_dir)}
     with tempfile.TemporaryDirectory(prefix="recserve-bench-") as scratch:
         scratch_path = Path(scratch)
         with tempfile.TemporaryDirectory(prefix="recserve-bench-", dir=args.shm_dir) as shm:

@@ -2,13 +2,15 @@
 
     python benchmarks/bench_models.py            # `full` tables (tens of GB of rows in all, one model at a time)
     python benchmarks/bench_models.py --quick    # `tiny` tables
+    python benchmarks/bench_models.py --models rmc1 --shm-dir /mnt/recserve-huge   # shared memory on huge pages
 
 Each model's tables live in the DRAM tier (no RocksDB), as when serving from memory. Query sizes are items
 per query; keys are Zipf(1.05) per table. The last line is one JSON object: `models` (name -> {size ->
 items/s}), `preset`, and `rmc1_vs_embeddingbag_256`: RMC1 over the PS vs the same network holding the same
 tables in nn.EmbeddingBag with the indices precomputed (the in-RAM limit), at 256 items per query; and
 `rmc1_private_vs_embeddingbag_256`, the same with the DRAM tier in this process's private memory
-(`shared_memory: false`), which can use huge pages where shared memory cannot.
+(`shared_memory: false`), which can use huge pages where shared memory cannot (--shm-dir: a tmpfs mounted
+with huge=always gives shared memory huge pages too; README, DRAM tier).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,12 +64,12 @@ def ratio_to(model: RecModel, local: RecModel, queries: list[Query]) -> float:
     return statistics.median(ratios)
 
 
-def bench_model(name: str, preset: str, *, shared_memory: bool = True, local: RecModel | None = None,
-                sizes: tuple[int, ...] = SIZES) -> tuple[dict[int, float], float | None]:
+def bench_model(name: str, preset: str, shm_dir: Path, *, shared_memory: bool = True,
+                local: RecModel | None = None, sizes: tuple[int, ...] = SIZES) -> tuple[dict[int, float], float | None]:
     """Items/s by query size over a PS whose DRAM tier holds every table; with `local`, RMC1's ratio to it."""
     spec = model_spec(name, preset)
     config = PSConfig(tables=table_configs(spec), rocksdb=RocksTierConfig(enabled=False),
-                      dram=DramTierConfig(num_partitions=8, shared_memory=shared_memory))
+                      dram=DramTierConfig(num_partitions=8, shared_memory=shared_memory, shm_dir=shm_dir))
     with HierarchicalPS.from_config(config) as ps:
         write_tables(ps, spec, seed=0)
         model = build_model(spec, ps)
@@ -79,25 +82,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny tables")
     parser.add_argument("--models", default=",".join(MODEL_NAMES), help="comma-separated subset")
+    parser.add_argument("--shm-dir", type=Path, default=Path("/dev/shm"), help="where shared-memory tables live")
     args = parser.parse_args()
     preset = "tiny" if args.quick else "full"
     results: dict[str, dict[int, float]] = {}
     rmc1_ratio = rmc1_private_ratio = None
     for name in args.models.split(","):
         local = embedding_bag_twin(model_spec(name, preset)) if name == "rmc1" else None
-        speeds, ratio = bench_model(name, preset, local=local)
+        speeds, ratio = bench_model(name, preset, args.shm_dir, local=local)
         results[name] = speeds
         print(f"{name:<6} " + "  ".join(f"{size:>4} items: {speed:>10,.0f}/s" for size, speed in speeds.items()))
         if local is not None:
             rmc1_ratio = ratio
             # the DRAM tier in one process's private memory, which gets huge pages here (shared memory does not)
-            _, rmc1_private_ratio = bench_model(name, preset, shared_memory=False, local=local, sizes=())
+            _, rmc1_private_ratio = bench_model(name, preset, args.shm_dir, shared_memory=False, local=local, sizes=())
             del local
     if rmc1_ratio is not None:
         print(f"rmc1 over the PS vs nn.EmbeddingBag at 256 items: {rmc1_ratio:.3f} "
               f"(DRAM tier in private memory: {rmc1_private_ratio:.3f})")
     print(json.dumps({
-        "preset": preset,
+        "preset": preset, "shm_dir": str(args.shm_dir),
         "models": {n: {str(k): round(v, 1) for k, v in s.items()} for n, s in results.items()},
         "rmc1_vs_embeddingbag_256": None if rmc1_ratio is None else round(rmc1_ratio, 4),
         "rmc1_private_vs_embeddingbag_256": None if rmc1_private_ratio is None else round(rmc1_private_ratio, 4),

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps import _hashmap as hm
-from recserve.ps.dram import DramTableHandle, DramTier
+from recserve.ps.dram import DramTableHandle, DramTier, shm_huge_pages
 from tests.conftest import rows_for
 
 DIM = 4
@@ -492,3 +492,28 @@ def test_a_freed_record_fails_every_reader_whatever_key_it_held(shm_dir: Path) -
             assert not hm.copy_record(table.rec, table.values, record, h.words, table._offset, key, out)
     finally:
         tier.close()
+
+
+MOUNTS = """tmpfs /dev/shm tmpfs rw,relatime,size=24684096k 0 0
+tmpfs /mnt/huge tmpfs rw,relatime,size=8g,huge=always 0 0
+tmpfs /mnt/huge/plain tmpfs rw,relatime 0 0
+tmpfs /mnt/sized\\040huge tmpfs rw,huge=within_size 0 0
+/dev/sda1 /mnt/disk ext4 rw,relatime 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("folder", "shmem_enabled", "expected"),
+    [
+        ("/dev/shm", "always within_size advise [never] deny force", False),
+        ("/mnt/huge", "always within_size advise [never] deny force", True),
+        ("/mnt/huge/tables/rmc1", "[never]", True),  # the deepest mount holding the folder decides
+        ("/mnt/huge/plain", "[never]", False),
+        ("/mnt/sized huge", "[never]", True),  # /proc/mounts escapes spaces
+        ("/mnt/disk", "[never]", False),
+        ("/dev/shm", "always within_size advise never deny [force]", True),  # the machine overrides mounts
+        ("/mnt/huge", "always within_size advise never [deny] force", False),
+    ],
+)
+def test_shm_huge_pages_reads_the_mount_holding_the_folder(folder: str, shmem_enabled: str, expected: bool) -> None:
+    assert shm_huge_pages(Path(folder), MOUNTS, shmem_enabled) is expected

@@ -316,6 +316,36 @@ def remove_stale_files(shm_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def shm_huge_pages(shm_dir: Path, mounts: str | None = None, shmem_enabled: str | None = None) -> bool:
+    """Whether files under shm_dir may be backed by 2 MiB pages (each table's map asks for them).
+
+    Random reads of a large table miss the TLB at nearly every key with 4 KiB pages; a tmpfs mounted with
+    `huge=always`, `within_size` or `advise` gives shared memory huge pages (README, DRAM tier: lookups into a
+    10M-row table 1.8x faster), whereas /dev/shm follows /sys/kernel/mm/transparent_hugepage/shmem_enabled,
+    `never` on many machines. `mounts` and `shmem_enabled` default to the running machine's.
+    """
+    if mounts is None:
+        mounts = Path("/proc/mounts").read_text()
+    if shmem_enabled is None:
+        shmem_enabled = ""
+        with contextlib.suppress(OSError):
+            shmem_enabled = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
+    if "[deny]" in shmem_enabled or "[force]" in shmem_enabled:  # the machine overrides every mount
+        return "[force]" in shmem_enabled
+    target = shm_dir.resolve()
+    best: tuple[int, str, str] = (-1, "", "")
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        if target.is_relative_to(point) and len(point.parts) > best[0]:
+            best = (len(point.parts), fields[2], fields[3])
+    _, fstype, options = best
+    return fstype == "tmpfs" and any(o in options.split(",") for o in ("huge=always", "huge=within_size",
+                                                                     "huge=advise"))
+
+
 class DramTier:
     """The DRAM tier of the parameter server: a `DramTable` per table."""
 
@@ -328,6 +358,9 @@ class DramTier:
     def create(cls, tables: list[TableConfig], config: DramTierConfig) -> DramTier:
         if config.shared_memory:
             remove_stale_files(config.shm_dir)
+            if not shm_huge_pages(config.shm_dir):
+                log.info("dram: %s gives shared memory 4 KiB pages; lookups into large tables run up to 1.8x "
+                         "faster from a tmpfs mounted with huge=always (README, DRAM tier)", config.shm_dir)
         run = f"recserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         created: dict[str, DramTable] = {}
         try:
