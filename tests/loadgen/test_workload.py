@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from recserve.config import ArrivalProcess, SizeDistribution
-from recserve.errors import MalformedFileError
+from recserve.errors import InvalidInputError, MalformedFileError
 from recserve.loadgen.workload import QueryPool, arrival_times, as_v2_arrays, query_sizes
 from recserve.models.specs import model_spec
 
@@ -109,3 +110,25 @@ def test_query_pool_cuts_queries_of_any_size_with_zipf_keys() -> None:
     assert counts[0] > 20 * max(1, np.median(counts[counts > 0]))  # popular keys dominate: not uniform ids
     with pytest.raises(ValueError, match="outside"):
         pool.query(65, rng())
+
+
+def test_a_streaming_pool_draws_far_more_distinct_keys_than_its_bases_hold() -> None:
+    tiny = model_spec("rmc1", "tiny")
+    rows = 400_000  # a few bases see a sliver of such tables
+    spec = dataclasses.replace(tiny, tables=tuple(dataclasses.replace(t, rows=rows) for t in tiny.tables[:2]))
+    bases_only = QueryPool(spec, max_items=64, seed=1, bases=2)
+    streaming = QueryPool(spec, max_items=64, seed=1, bases=2, stream_keys=200_000)
+
+    def distinct(pool: QueryPool) -> int:
+        return np.unique(np.concatenate([pool.query(64, rng(s)).sparse.keys["rmc1_t0"].numpy()
+                                         for s in range(100)])).size
+
+    assert distinct(streaming) > 3 * distinct(bases_only)
+    query = streaming.query(10, rng())
+    keys = query.sparse.keys["rmc1_t0"].numpy()
+    assert query.sparse.lengths("rmc1_t0").tolist() == [80] * 10 and keys.size == 800
+    assert keys.min() >= 0 and keys.max() < rows
+    counts = np.sort(np.bincount(keys))[::-1]
+    assert counts[0] > 5 * max(1, np.median(counts[counts > 0]))  # still Zipf: popular keys repeat
+    with pytest.raises(InvalidInputError, match="stream_keys"):
+        QueryPool(spec, max_items=64, stream_keys=100)

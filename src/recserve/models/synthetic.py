@@ -47,11 +47,15 @@ class QueryGenerator:
             base = samplers.setdefault(table.rows, ZipfKeys(table.rows, alpha, seed=seed))
             self._keys[table.name] = (base, np.random.default_rng(seed + i + 1).permutation(table.rows))
 
+    def keys(self, table: str, count: int) -> np.ndarray:
+        """`count` keys of one table, drawn independently from its Zipf popularity."""
+        base, ids = self._keys[table]
+        return ids[base.sample(count)]
+
     def query(self, num_items: int) -> Query:
         features = {}
         for table in self.spec.tables:
-            base, ids = self._keys[table.name]
-            keys = ids[base.sample(num_items * table.keys_per_item)]
+            keys = self.keys(table.name, num_items * table.keys_per_item)
             lengths = np.full(num_items, table.keys_per_item, dtype=np.int64)
             features[table.name] = (torch.from_numpy(keys), torch.from_numpy(lengths))
         dense = torch.from_numpy(self._rng.random((num_items, self.spec.dense_features), dtype=np.float32))
