@@ -128,6 +128,7 @@ def test_a_streaming_pool_draws_far_more_distinct_keys_than_its_bases_hold() -> 
     keys = query.sparse.keys["rmc1_t0"].numpy()
     assert query.sparse.lengths("rmc1_t0").tolist() == [80] * 10 and keys.size == 800
     assert keys.min() >= 0 and keys.max() < rows
+    assert not np.array_equal(keys, query.sparse.keys["rmc1_t1"].numpy())  # one stream, read at its own offsets
     counts = np.sort(np.bincount(keys))[::-1]
     assert counts[0] > 5 * max(1, np.median(counts[counts > 0]))  # still Zipf: popular keys repeat
     with pytest.raises(InvalidInputError, match="stream_keys"):

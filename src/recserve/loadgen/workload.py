@@ -103,8 +103,10 @@ class QueryPool:
 
     A few bases hold few distinct keys (RMC1 `full`: 93 k of a table's 4M rows in 8 bases of 512 items), so a
     cache bigger than that ends up holding every key ever asked for. With `stream_keys` > 0 each query's keys
-    of a table are instead a window, at a random offset, of that many Zipf draws made up front: keys seen as
-    by a cache of a live stream, whose recently asked keys come back at Zipf's rate and no faster.
+    of a table are instead a window, at a random offset, of that many Zipf draws made up front: what a cache of
+    a live stream sees, as long as the run reads a stream no more than about once (RMC1 `full`, 10% of a table
+    cached, 5,120-key batches: 72% of unique keys hit with fresh draws, 74% from windows of 32M draws, 75% of
+    16M, 86% of 4M).
     """
 
     def __init__(self, spec: ModelSpec, max_items: int, alpha: float = 1.05, seed: int = 0, bases: int = 8,
@@ -116,7 +118,12 @@ class QueryPool:
         self.spec = spec
         self.max_items = max_items
         self._bases = [generator.query(max_items) for _ in range(bases)]
-        self._streams = {t.name: generator.keys(t.name, stream_keys) for t in spec.tables} if stream_keys else {}
+        self._streams: dict[str, np.ndarray] = {}
+        by_rows: dict[int, np.ndarray] = {}  # tables of one size share one stream, each read at its own offsets
+        for table in spec.tables if stream_keys else ():
+            if table.rows not in by_rows:
+                by_rows[table.rows] = generator.keys(table.name, stream_keys)
+            self._streams[table.name] = by_rows[table.rows]
 
     def query(self, items: int, rng: np.random.Generator) -> Query:
         if not 1 <= items <= self.max_items:
