@@ -19,7 +19,11 @@ object: `models` (name -> {baseline_qps, tuned_qps, ratio, sim16_ratio, ...}).
 
 Outside --quick (or alone with --capped-only), at scale: RMC1 `full` (8 x 4M x 32 float32, 4.1 GB of tables)
 with the DRAM tier capped at 10% of rows over RocksDB, vs every row in DRAM, at the paper's 100 ms p95 target
-and one setting (CAPPED_SETTING) for both: `rmc1_full_capped_vs_all_dram`.
+and one setting (CAPPED_SETTING) for both: `rmc1_full_capped_vs_all_dram`. Its queries take their keys from a
+stream of 32M Zipf draws that moves on from run to run (QueryPool's `stream_keys`): the eight models' pool (8
+pre-generated queries, each run replaying the same ones) holds fewer distinct keys than the capped tier's rows
+and would measure a cache that ends up holding them all. The capped tier is warmed until each table has read
+twice its rows from RocksDB; the JSON also holds each variant's unloaded p50/p95 (1 qps) and every probe.
 """
 
 from __future__ import annotations
@@ -31,21 +35,26 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_lookup import read_whole_folder  # a sibling script: its folder is on the path
 from recserve.config import ArrivalProcess, LoadConfig, ServingConfig, SizeDistribution
+from recserve.loadgen.runner import summarize
 from recserve.loadgen.sim import Accelerator, LatencyProfile, executor_profile, simulated_tune
 from recserve.loadgen.targets import InProcessTarget
 from recserve.loadgen.tuning import PAPER_TARGETS_MS, capacity, measured_run, tune
 from recserve.loadgen.workload import QueryPool
 from recserve.models.specs import MODEL_NAMES
+from recserve.sched.executor import Executor
 from recserve.sched.tuner import Setting, static_baseline
 from recserve.serve.repository import load_model, write_model_folder, write_serving_config
 
 MAX_ITEMS = 512
 # a GPU-like curve for a whole query: launch and transfer dominate (2 ms + 4 us per item); illustrative, not measured
 ACCELERATOR = Accelerator(fixed_s=0.002, per_item_s=4e-6)
+CAPPED_FRACTION = 0.1  # of each table's rows in the capped DRAM tier
+WARM_BLOCKS = 30  # at most, of 10 s each
 CAPPED_SETTING = Setting(batch_size=64, num_workers=2, threads_per_worker=1)  # small sub-batches on every core
 CAPPED_STREAM_KEYS = 32_000_000  # Zipf draws that capped queries take their keys from (256 MB, shared by the tables)
 
@@ -98,9 +107,6 @@ def simulated_figures(label: str, curve: LatencyProfile, load: LoadConfig, targe
 
 def unloaded_p95_ms(apply: object, served: object, pool: QueryPool, load: LoadConfig) -> float:
     """p95 of the static baseline with no queueing: queries 200 ms apart."""
-    from recserve.loadgen.runner import summarize
-    from recserve.loadgen.tuning import measured_run
-
     apply(static_baseline(MAX_ITEMS, os.cpu_count() or 1))  # type: ignore[operator]
     probe = load.model_copy(update={"duration_s": 4.0, "arrivals": ArrivalProcess(kind="constant", qps=5.0)})
     samples = asyncio.run(measured_run(lambda: InProcessTarget(served.executor), pool, probe, False))  # type: ignore[attr-defined]
@@ -109,7 +115,8 @@ def unloaded_p95_ms(apply: object, served: object, pool: QueryPool, load: LoadCo
 
 def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
     """RMC1 `full` (8 x 4M x 32 float32) with the DRAM tier capped at 10% of each table's rows over RocksDB, vs
-    every row in DRAM (no RocksDB): QPS at the p95 target, the same setting and warm-up for both."""
+    every row in DRAM (no RocksDB): QPS at the p95 target, the same setting for both; the capped tier warmed
+    until it holds what a live stream keeps there."""
     write_model_folder(folder, "rmc1", "full", seed=0)
     load = LoadConfig(model="rmc1", duration_s=duration_s, arrivals=ArrivalProcess(qps=5.0),
                       sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=MAX_ITEMS))
@@ -117,7 +124,7 @@ def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
     scheduler = {"latency_target_ms": 60_000, "max_queue": 100_000}
     variants = {
         "all_dram": {"scheduler": scheduler, "max_items": MAX_ITEMS},
-        "capped": {"scheduler": scheduler, "max_items": MAX_ITEMS, "dram_fraction": 0.1,
+        "capped": {"scheduler": scheduler, "max_items": MAX_ITEMS, "dram_fraction": CAPPED_FRACTION,
                    "rocksdb": {"enabled": True, "path": "rocksdb"}},
     }
     figures: dict = {"target_ms": target_ms, "setting": str(setting)}
@@ -133,21 +140,49 @@ def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
             pool = QueryPool(served.signature.spec, MAX_ITEMS, seed=1, stream_keys=CAPPED_STREAM_KEYS)
             served.executor.apply(setting)
             make_target = functools.partial(InProcessTarget, served.executor)
-            # the capped tier starts empty and fills from RocksDB as keys are asked for: the same warm-up for both
-            warm = load.model_copy(update={"duration_s": 30.0, "arrivals": ArrivalProcess(kind="constant", qps=2.0)})
-            asyncio.run(measured_run(make_target, pool, warm, False))
+            # the capped tier starts empty: warm it until it holds what a live stream keeps there
+            fill_rows = 2 * int(CAPPED_FRACTION * min(t.rows for t in served.signature.spec.tables))
+            figures[f"{label}_warm_s"] = warm_up_tier(make_target, pool, load, served.executor,
+                                                      fill_rows if label == "capped" else 0)
+            alone = load.model_copy(update={"duration_s": 10.0, "arrivals": ArrivalProcess(kind="constant", qps=1.0)})
+            unloaded = summarize(asyncio.run(measured_run(make_target, pool, alone, False)), alone)
+            figures[f"{label}_unloaded_p50_ms"] = round(unloaded.p50_ms, 1)
+            figures[f"{label}_unloaded_p95_ms"] = round(unloaded.p95_ms, 1)
+            before = dram_counts(served.executor)
             found = capacity(make_target, pool, load, target_ms, 95.0, 2.0, progress=False)
             figures[f"{label}_qps"] = round(found.qps, 2)
-            counts = served.executor.lookup_counts()
-            hits = sum(c.hits.get("dram", 0) for c in counts.values())
-            misses = sum(c.misses.get("dram", 0) for c in counts.values())
-            figures[f"{label}_dram_hit_rate"] = round(hits / max(1, hits + misses), 3)
+            figures[f"{label}_probes"] = [[round(p.qps, 2), round(p.tail_ms, 1)] for p in found.probes]
+            hits, misses = (now - then for now, then in zip(dram_counts(served.executor), before, strict=True))
+            figures[f"{label}_dram_hit_rate"] = round(hits / max(1, hits + misses), 3)  # during the search
         finally:
             served.close()
         print(f"rmc1 full {label}: {json.dumps(figures)}", flush=True)
     all_dram = figures["all_dram_qps"]
     figures["rmc1_full_capped_vs_all_dram"] = round(figures["capped_qps"] / all_dram, 3) if all_dram else None
     return figures
+
+
+def warm_up_tier(make_target: Callable[[], InProcessTarget], pool: QueryPool, load: LoadConfig, executor: Executor,
+                 fill_rows: int) -> float:
+    """Load in 10 s blocks until every table has read fill_rows keys from below its DRAM tier (for the capped
+    tier twice its rows: it has then been evicting for a while, as under a live stream); at least one block.
+    The seconds it took."""
+    started = time.perf_counter()
+    block = load.model_copy(update={"duration_s": 10.0, "arrivals": ArrivalProcess(kind="constant", qps=8.0)})
+    for _ in range(WARM_BLOCKS):
+        asyncio.run(measured_run(make_target, pool, block, False))
+        misses = [c.misses.get("dram", 0) for c in executor.lookup_counts().values()]
+        print(f"  warm-up: {time.perf_counter() - started:.0f} s, DRAM misses per table {min(misses)}-{max(misses)}",
+              flush=True)
+        if min(misses) >= fill_rows:
+            break
+    return round(time.perf_counter() - started, 1)
+
+
+def dram_counts(executor: Executor) -> tuple[int, int]:
+    """DRAM-tier hits and misses so far, summed over tables and workers."""
+    counts = executor.lookup_counts().values()
+    return sum(c.hits.get("dram", 0) for c in counts), sum(c.misses.get("dram", 0) for c in counts)
 
 
 def main() -> None:

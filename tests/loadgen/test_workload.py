@@ -129,6 +129,11 @@ def test_a_streaming_pool_draws_far_more_distinct_keys_than_its_bases_hold() -> 
     assert query.sparse.lengths("rmc1_t0").tolist() == [80] * 10 and keys.size == 800
     assert keys.min() >= 0 and keys.max() < rows
     assert not np.array_equal(keys, query.sparse.keys["rmc1_t1"].numpy())  # one stream, read at its own offsets
+    again = streaming.query(10, rng())  # the run's generator replays; the stream moves on
+    assert again.sparse.lengths("rmc1_t0").tolist() == [80] * 10
+    assert not np.array_equal(again.sparse.keys["rmc1_t0"].numpy(), keys)
+    assert np.array_equal(bases_only.query(10, rng()).sparse.keys["rmc1_t0"].numpy(),
+                          bases_only.query(10, rng()).sparse.keys["rmc1_t0"].numpy())
     counts = np.sort(np.bincount(keys))[::-1]
     assert counts[0] > 5 * max(1, np.median(counts[counts > 0]))  # still Zipf: popular keys repeat
     with pytest.raises(InvalidInputError, match="stream_keys"):

@@ -106,7 +106,8 @@ class QueryPool:
     of a table are instead a window, at a random offset, of that many Zipf draws made up front: what a cache of
     a live stream sees, as long as the run reads a stream no more than about once (RMC1 `full`, 10% of a table
     cached, 5,120-key batches: 72% of unique keys hit with fresh draws, 74% from windows of 32M draws, 75% of
-    16M, 86% of 4M).
+    16M, 86% of 4M). The windows come from the pool's own generator, not the run's: a run replays its seeded
+    schedule of sizes, and would otherwise replay its keys too, into a cache that still holds them.
     """
 
     def __init__(self, spec: ModelSpec, max_items: int, alpha: float = 1.05, seed: int = 0, bases: int = 8,
@@ -119,6 +120,7 @@ class QueryPool:
         self.max_items = max_items
         self._bases = [generator.query(max_items) for _ in range(bases)]
         self._streams: dict[str, np.ndarray] = {}
+        self._stream_rng = np.random.default_rng(seed)
         by_rows: dict[int, np.ndarray] = {}  # tables of one size share one stream, each read at its own offsets
         for table in spec.tables if stream_keys else ():
             if table.rows not in by_rows:
@@ -133,15 +135,15 @@ class QueryPool:
         dense = base.dense[start : start + items]
         sparse = base.sparse.slice(start, start + items)
         if self._streams:
-            sparse = self._from_streams(sparse, rng)
+            sparse = self._from_streams(sparse)
         return Query(dense=dense.numpy() if self.spec.dense_features else None, sparse=sparse)
 
-    def _from_streams(self, sparse: SparseBatch, rng: np.random.Generator) -> SparseBatch:
+    def _from_streams(self, sparse: SparseBatch) -> SparseBatch:
         features = {}
         for table, stream in self._streams.items():
             lengths = sparse.lengths(table).numpy()
             count = int(lengths.sum())
-            at = int(rng.integers(stream.size - count + 1))
+            at = int(self._stream_rng.integers(stream.size - count + 1))
             features[table] = (stream[at : at + count], lengths)
         return SparseBatch.from_lengths(features, name=self.spec.name)
 
