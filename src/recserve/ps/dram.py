@@ -320,9 +320,10 @@ def shm_huge_pages(shm_dir: Path, mounts: str | None = None, shmem_enabled: str 
     """Whether files under shm_dir may be backed by 2 MiB pages (each table's map asks for them).
 
     Random reads of a large table miss the TLB at nearly every key with 4 KiB pages; a tmpfs mounted with
-    `huge=always`, `within_size` or `advise` gives shared memory huge pages (README, DRAM tier: lookups into a
-    10M-row table 1.8x faster), whereas /dev/shm follows /sys/kernel/mm/transparent_hugepage/shmem_enabled,
-    `never` on many machines. `mounts` and `shmem_enabled` default to the running machine's.
+    `huge=always`, `within_size` or `advise` gives shared memory huge pages (README, "Huge pages for the shared
+    DRAM tier": lookups into a 10M-row table about twice as fast), whereas /dev/shm follows
+    /sys/kernel/mm/transparent_hugepage/shmem_enabled, `never` on many machines. `mounts` and `shmem_enabled`
+    default to the running machine's.
     """
     if mounts is None:
         mounts = Path("/proc/mounts").read_text()
@@ -359,8 +360,8 @@ class DramTier:
         if config.shared_memory:
             remove_stale_files(config.shm_dir)
             if not shm_huge_pages(config.shm_dir):
-                log.info("dram: %s gives shared memory 4 KiB pages; lookups into large tables run up to 1.8x "
-                         "faster from a tmpfs mounted with huge=always (README, DRAM tier)", config.shm_dir)
+                log.info("dram: %s gives shared memory 4 KiB pages; lookups into large tables run about twice as "
+                         "fast from a tmpfs mounted with huge=always (README: huge pages)", config.shm_dir)
         run = f"recserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         created: dict[str, DramTable] = {}
         try:

@@ -271,7 +271,7 @@ class RocksTier:
         # slows the import.
         options.set_compression_type(self._rd.DBCompressionType.none())
         # A point read of a row in the page cache then costs a memory access instead of a pread and a copy
-        # into the block cache: 1.4x the keys/s measured on a 4M-row table (README, RocksDB tier).
+        # into the block cache: 1.5x the keys/s measured on a 4M-row table (README, RocksDB reads).
         options.set_allow_mmap_reads(self._config.mmap_reads)
         if self._block_cache is not None:  # one cache shared by every table's column family
             table_options = self._rd.BlockBasedOptions()
