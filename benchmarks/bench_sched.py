@@ -40,7 +40,7 @@ from pathlib import Path
 
 from bench_lookup import read_whole_folder  # a sibling script: its folder is on the path
 from recserve.config import ArrivalProcess, LoadConfig, ServingConfig, SizeDistribution
-from recserve.loadgen.runner import summarize
+from recserve.loadgen.runner import RunSummary, summarize
 from recserve.loadgen.sim import Accelerator, LatencyProfile, executor_profile, simulated_tune
 from recserve.loadgen.targets import InProcessTarget
 from recserve.loadgen.tuning import PAPER_TARGETS_MS, capacity, measured_run, tune
@@ -108,9 +108,14 @@ def simulated_figures(label: str, curve: LatencyProfile, load: LoadConfig, targe
 def unloaded_p95_ms(apply: object, served: object, pool: QueryPool, load: LoadConfig) -> float:
     """p95 of the static baseline with no queueing: queries 200 ms apart."""
     apply(static_baseline(MAX_ITEMS, os.cpu_count() or 1))  # type: ignore[operator]
-    probe = load.model_copy(update={"duration_s": 4.0, "arrivals": ArrivalProcess(kind="constant", qps=5.0)})
-    samples = asyncio.run(measured_run(lambda: InProcessTarget(served.executor), pool, probe, False))  # type: ignore[attr-defined]
-    return summarize(samples, probe).p95_ms
+    return steady_run(lambda: InProcessTarget(served.executor), pool, load, 5.0, 4.0).p95_ms  # type: ignore[attr-defined]
+
+
+def steady_run(make_target: Callable[[], InProcessTarget], pool: QueryPool, load: LoadConfig, qps: float,
+               duration_s: float) -> RunSummary:
+    """One run of `load`'s sizes at a constant rate."""
+    config = load.model_copy(update={"duration_s": duration_s, "arrivals": ArrivalProcess(kind="constant", qps=qps)})
+    return summarize(asyncio.run(measured_run(make_target, pool, config, False)), config)
 
 
 def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
@@ -144,8 +149,7 @@ def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
             fill_rows = 2 * int(CAPPED_FRACTION * min(t.rows for t in served.signature.spec.tables))
             figures[f"{label}_warm_s"] = warm_up_tier(make_target, pool, load, served.executor,
                                                       fill_rows if label == "capped" else 0)
-            alone = load.model_copy(update={"duration_s": 10.0, "arrivals": ArrivalProcess(kind="constant", qps=1.0)})
-            unloaded = summarize(asyncio.run(measured_run(make_target, pool, alone, False)), alone)
+            unloaded = steady_run(make_target, pool, load, 1.0, 10.0)
             figures[f"{label}_unloaded_p50_ms"] = round(unloaded.p50_ms, 1)
             figures[f"{label}_unloaded_p95_ms"] = round(unloaded.p95_ms, 1)
             before = dram_counts(served.executor)
@@ -168,9 +172,8 @@ def warm_up_tier(make_target: Callable[[], InProcessTarget], pool: QueryPool, lo
     tier twice its rows: it has then been evicting for a while, as under a live stream); at least one block.
     The seconds it took."""
     started = time.perf_counter()
-    block = load.model_copy(update={"duration_s": 10.0, "arrivals": ArrivalProcess(kind="constant", qps=8.0)})
     for _ in range(WARM_BLOCKS):
-        asyncio.run(measured_run(make_target, pool, block, False))
+        steady_run(make_target, pool, load, 8.0, 10.0)
         misses = [c.misses.get("dram", 0) for c in executor.lookup_counts().values()]
         print(f"  warm-up: {time.perf_counter() - started:.0f} s, DRAM misses per table {min(misses)}-{max(misses)}",
               flush=True)
