@@ -10,7 +10,7 @@ items/s}), `preset`, and `rmc1_vs_embeddingbag_256`: RMC1 over the PS vs the sam
 tables in nn.EmbeddingBag with the indices precomputed (the in-RAM limit), at 256 items per query; and
 `rmc1_private_vs_embeddingbag_256`, the same with the DRAM tier in this process's private memory
 (`shared_memory: false`), which can use huge pages where shared memory cannot (--shm-dir: a tmpfs mounted
-with huge=always gives shared memory huge pages too; README, DRAM tier).
+with huge=always gives shared memory huge pages too; README, "Huge pages for the shared DRAM tier").
 """
 
 from __future__ import annotations
