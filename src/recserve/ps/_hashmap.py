@@ -36,8 +36,7 @@ numba.config.THREADING_LAYER = "threadsafe"
 EMPTY = -1
 MAX_RETRIES = 1 << 16
 CHUNK = 4096  # keys per parallel task of a lookup
-LOOKAHEAD_SLOTS = 32  # keys whose index slot is in flight while one is located
-LOOKAHEAD_ROWS = 16  # located keys whose row is in flight while one is copied
+LOOKUP_BLOCK = 32  # keys taken through each phase of a lookup together (see `lookup_range`)
 # clock words
 CLOCK_ACCESS, CLOCK_WRITES_STARTED, CLOCK_WRITES_FINISHED = 0, 1, 2
 # part columns
@@ -144,9 +143,8 @@ def copy_record(rec, values, r, words, offset, key, out_row):
 
 
 @njit(inline="always", cache=True)
-def prefetch_home(slots, num_partitions, num_slots, key):
-    e = partition_of(key, num_partitions) * num_slots + home_slot(key, num_slots)
-    prefetch(slots, 2 * e)
+def home_entry(key, num_partitions, num_slots):
+    return partition_of(key, num_partitions) * num_slots + home_slot(key, num_slots)
 
 
 @njit(inline="always", cache=True)
@@ -172,33 +170,38 @@ def read_row(part, slots, rec, values, num_slots, words, offset, key, r, out_row
 @njit(inline="always", cache=True)
 def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, lo, hi, num_slots, words, offset,
                  track_count):
-    """Look up keys[lo:hi] as a software pipeline (see `lookup_kernel`)."""
+    """Look up keys[lo:hi], LOOKUP_BLOCK keys at a time, each block in phases (see `lookup_kernel`)."""
     num_partitions = part.shape[0]
-    for j in range(lo, min(hi, lo + LOOKAHEAD_SLOTS)):
-        prefetch_home(slots, num_partitions, num_slots, keys[j])
-    for j in range(lo, hi + LOOKAHEAD_ROWS):
-        if j < hi:
-            if j + LOOKAHEAD_SLOTS < hi:
-                prefetch_home(slots, num_partitions, num_slots, keys[j + LOOKAHEAD_SLOTS])
-            where[j] = locate(part, slots, num_slots, keys[j])
-            if where[j] >= 0:
-                prefetch_record(rec, where[j], words)
-        k = j - LOOKAHEAD_ROWS
-        if k < lo:
-            continue
-        r = read_row(part, slots, rec, values, num_slots, words, offset, keys[k], where[k], out[k])
-        found[k] = r >= 0
-        where[k] = r
-    # Each hit's recency (and use count) in a pass of its own: stored inside the loop above, into the same
-    # memory the loop reads, it cost ~70 instructions a key (the compiler must then assume every array read
-    # may have changed) and made lookups 1.2-1.7x slower. As before, a time can land on a record that was just
-    # reused for another key: it only orders evictions, and never touches a row.
-    for k in range(lo, hi):
-        r = where[k]
-        if r >= 0:
-            rec[r * words + R_TIME] = clock_now + k
-            if track_count:
-                rec[r * words + R_COUNT] += 1
+    home = np.empty(LOOKUP_BLOCK, dtype=np.int64)
+    for b0 in range(lo, hi, LOOKUP_BLOCK):
+        b1 = min(hi, b0 + LOOKUP_BLOCK)
+        for j in range(b0, b1):
+            home[j - b0] = home_entry(keys[j], num_partitions, num_slots)
+            prefetch(slots, 2 * home[j - b0])
+        for j in range(b0, b1):
+            # most keys sit in their home slot (the index is at most half full); the others take the full probe
+            e = home[j - b0]
+            r = slots[2 * e + 1]
+            if not (r >= 0 and slots[2 * e] == keys[j]):
+                r = locate(part, slots, num_slots, keys[j])
+            where[j] = r
+            if r >= 0:
+                prefetch_record(rec, r, words)
+        for j in range(b0, b1):
+            r = read_row(part, slots, rec, values, num_slots, words, offset, keys[j], where[j], out[j])
+            found[j] = r >= 0
+            where[j] = r
+        # Each hit's recency (and use count) in a loop of its own, while the block's records are in cache: stored
+        # inside the copy loop, into the memory it reads, it cost ~70 instructions a key (the compiler must then
+        # assume every array read may have changed) and made lookups 1.2-1.7x slower; stored after the whole
+        # chunk, it missed the cache again. A time can land on a record that was just reused for another key:
+        # it only orders evictions, and never touches a row.
+        for j in range(b0, b1):
+            r = where[j]
+            if r >= 0:
+                rec[r * words + R_TIME] = clock_now + j
+                if track_count:
+                    rec[r * words + R_COUNT] += 1
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -206,8 +209,11 @@ def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, 
     """out[i] = row of keys[i] where found[i]; marks each hit as just used.
 
     Each key costs two dependent cache misses (index slot, then record) where a gather by known row index
-    costs one. A software pipeline hides them: while key j is located, the slot of key j + LOOKAHEAD_SLOTS
-    is being fetched, and the row of key j - LOOKAHEAD_ROWS, fetched since it was located, is copied.
+    costs one. Keys go through them a block at a time, each phase over the whole block: fetch every home slot,
+    then locate every key (a hit at home without a probe loop) and fetch its record, then copy every row. The
+    misses of a phase are independent, so the core keeps a block's worth in flight; and the loops stay short
+    and branch-light. 1.3-1.7x the keys/s of a software pipeline that interleaved the three steps of
+    different keys in one loop (README, DRAM-tier lookups).
     """
     n = keys.size
     now = fetch_add(clock, CLOCK_ACCESS, n)
