@@ -23,7 +23,9 @@ and one setting (CAPPED_SETTING) for both: `rmc1_full_capped_vs_all_dram`. Its q
 stream of 32M Zipf draws that moves on from run to run (QueryPool's `stream_keys`): the eight models' pool (8
 pre-generated queries, each run replaying the same ones) holds fewer distinct keys than the capped tier's rows
 and would measure a cache that ends up holding them all. The capped tier is warmed until each table has read
-twice its rows from RocksDB; the JSON also holds each variant's unloaded p50/p95 (1 qps) and every probe.
+twice its rows from RocksDB; the JSON also holds each variant's unloaded p50/p95 (1 qps), every probe, the CPU
+an answered query cost at 8 qps (`*_cpu_ms_per_query`: this process and its workers), and their quotient
+`capped_vs_all_dram_cpu_bound`, the ratio the capped variant could reach with every core busy and no queueing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench_lookup import read_whole_folder  # a sibling script: its folder is on the path
+from bench_lookup import read_whole_folder  # sibling scripts: their folder is on the path
+from bench_serve import children, cpu_s
 from recserve.config import ArrivalProcess, LoadConfig, ServingConfig, SizeDistribution
 from recserve.loadgen.runner import RunSummary, summarize
 from recserve.loadgen.sim import Accelerator, LatencyProfile, executor_profile, simulated_tune
@@ -147,8 +150,8 @@ def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
             make_target = functools.partial(InProcessTarget, served.executor)
             # the capped tier starts empty: warm it until it holds what a live stream keeps there
             fill_rows = 2 * int(CAPPED_FRACTION * min(t.rows for t in served.signature.spec.tables))
-            figures[f"{label}_warm_s"] = warm_up_tier(make_target, pool, load, served.executor,
-                                                      fill_rows if label == "capped" else 0)
+            figures[f"{label}_warm_s"], figures[f"{label}_cpu_ms_per_query"] = warm_up_tier(
+                make_target, pool, load, served.executor, fill_rows if label == "capped" else 0)
             unloaded = steady_run(make_target, pool, load, 1.0, 10.0)
             figures[f"{label}_unloaded_p50_ms"] = round(unloaded.p50_ms, 1)
             figures[f"{label}_unloaded_p95_ms"] = round(unloaded.p95_ms, 1)
@@ -163,23 +166,31 @@ def bench_capped(folder: Path, duration_s: float, setting: Setting) -> dict:
         print(f"rmc1 full {label}: {json.dumps(figures)}", flush=True)
     all_dram = figures["all_dram_qps"]
     figures["rmc1_full_capped_vs_all_dram"] = round(figures["capped_qps"] / all_dram, 3) if all_dram else None
+    # CPU decides throughput once every core is busy: the most the capped variant could reach, with no queueing
+    figures["capped_vs_all_dram_cpu_bound"] = round(figures["all_dram_cpu_ms_per_query"]
+                                                    / figures["capped_cpu_ms_per_query"], 3)
     return figures
 
 
 def warm_up_tier(make_target: Callable[[], InProcessTarget], pool: QueryPool, load: LoadConfig, executor: Executor,
-                 fill_rows: int) -> float:
+                 fill_rows: int) -> tuple[float, float]:
     """Load in 10 s blocks until every table has read fill_rows keys from below its DRAM tier (for the capped
     tier twice its rows: it has then been evicting for a while, as under a live stream); at least one block.
-    The seconds it took."""
+    The seconds it took, and the CPU milliseconds an answered query cost in the last block (this process, which
+    generates the load and owns RocksDB, and its workers)."""
     started = time.perf_counter()
+    cpu_ms_per_query = float("nan")
     for _ in range(WARM_BLOCKS):
-        steady_run(make_target, pool, load, 8.0, 10.0)
+        processes = [os.getpid(), *children(os.getpid())]
+        cpu_before = sum(cpu_s(pid) for pid in processes)
+        block = steady_run(make_target, pool, load, 8.0, 10.0)
+        cpu_ms_per_query = (sum(cpu_s(pid) for pid in processes) - cpu_before) / max(1, block.ok) * 1e3
         misses = [c.misses.get("dram", 0) for c in executor.lookup_counts().values()]
         print(f"  warm-up: {time.perf_counter() - started:.0f} s, DRAM misses per table {min(misses)}-{max(misses)}",
               flush=True)
         if min(misses) >= fill_rows:
             break
-    return round(time.perf_counter() - started, 1)
+    return round(time.perf_counter() - started, 1), round(cpu_ms_per_query, 2)
 
 
 def dram_counts(executor: Executor) -> tuple[int, int]:
