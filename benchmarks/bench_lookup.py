@@ -2,15 +2,15 @@
 
     python benchmarks/bench_lookup.py            # 10M keys x 64 float32 (about 8 GB of RAM at peak)
     python benchmarks/bench_lookup.py --quick    # 1M keys, for CI-sized machines
-    python benchmarks/bench_lookup.py --shm-dir /mnt/recserve-huge   # shared memory on huge pages (README)
+    python benchmarks/bench_lookup.py --shm-dir /mnt/recserve-huge   # the DRAM tier's files elsewhere
 
-Batches of 65,536 keys. Prints every figure; the last line is one JSON object whose ratio keys are
-dram_vs_gather, dram_vs_redis, dram_vs_dict, rocks_vs_dbbench, and dram_private_vs_gather (the DRAM tier in
-one process's private memory, which may use huge pages, instead of shared memory); `shm_huge_pages` says
-whether --shm-dir gives shared memory huge pages. `two_level_gather_keys_per_s` reads the same rows through the
-DRAM tier's own index and records, each key's index entry found beforehand: the floor its layout sets (two
-dependent reads a key) with no hashing, probing or checks; `two_level_gather_vs_gather` is then the ratio no
-lookup in that layout can pass, and `dram_vs_two_level_gather` what the lookup itself costs on top.
+Batches of 65,536 keys. Prints every figure; the last line is one JSON object whose ratio keys are dram_vs_gather,
+dram_vs_redis, dram_vs_dict, rocks_vs_dbbench, dram_private_vs_gather (the DRAM tier in one process's private
+memory instead of shared memory) and dram_huge_vs_4k_pages (the shared DRAM tier on 2 MiB pages, which
+`dram_huge_pages` says the kernel gave it, against the same on 4 KiB pages). `two_level_gather_keys_per_s` reads
+the same rows through the DRAM tier's own index and records, each key's index entry found beforehand: the floor its
+layout sets (two dependent reads a key) with no hashing, probing or checks; `two_level_gather_vs_gather` is then
+the ratio no lookup in that layout can pass, and `dram_vs_two_level_gather` what the lookup itself costs on top.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from numba import njit, prange
 from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, TableConfig
 from recserve.ps import _hashmap as hm
 from recserve.ps._atomics import prefetch
-from recserve.ps.dram import DramTier, shm_huge_pages
+from recserve.ps.dram import DramTier
 from recserve.ps.rocks import RocksTier
 from recserve.ps.server import HierarchicalPS
 from recserve.synthetic import ZipfKeys, random_rows
@@ -89,9 +89,11 @@ def keys_per_s(run: Callable[[np.ndarray], object], batches: list[np.ndarray], r
     return sum(b.size for b in batches) / statistics.median(times)
 
 
-def build_dram(num_rows: int, rows: np.ndarray, shm: Path, shared: bool = True) -> DramTier:
+def build_dram(num_rows: int, rows: np.ndarray, shm: Path, shared: bool = True, huge_pages: bool = True
+               ) -> DramTier:
     table = TableConfig(name="t", dim=DIM, dram_capacity_rows=num_rows)
-    tier = DramTier.create([table], DramTierConfig(num_partitions=8, shm_dir=shm, shared_memory=shared))
+    config = DramTierConfig(num_partitions=8, shm_dir=shm, shared_memory=shared, huge_pages=huge_pages)
+    tier = DramTier.create([table], config)
     keys = np.arange(num_rows, dtype=np.int64)
     for start in range(0, num_rows, 1 << 20):
         tier.insert("t", keys[start : start + (1 << 20)], rows[start : start + (1 << 20)])
@@ -121,16 +123,23 @@ def bench_dram(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], shm: 
         two_level = keys_per_s(layout_floor, batches)
         table = {int(k): rows[k] for k in range(num_rows)}
         as_dict = keys_per_s(lambda b: np.stack([table[k] for k in b.tolist()]), batches[:4], repeats=1)
+        huge_pages = held.huge_pages
     finally:
         tier.close()
-    private = build_dram(num_rows, rows, shm, shared=False)  # one process's memory: huge pages where allowed
+    return {"dram_keys_per_s": dram, "dram_huge_pages": huge_pages, "gather_keys_per_s": gather_limit,
+            "two_level_gather_keys_per_s": two_level, "dict_keys_per_s": as_dict,
+            "dram_insert_rows_per_s": insert_rows_per_s,
+            "dram_4k_pages_keys_per_s": dram_lookups(num_rows, rows, batches, shm, huge_pages=False),
+            "dram_private_keys_per_s": dram_lookups(num_rows, rows, batches, shm, shared=False)}
+
+
+def dram_lookups(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], shm: Path, **variant: bool) -> float:
+    """Keys/s of the DRAM tier built another way (one at a time: each holds a copy of the table)."""
+    tier = build_dram(num_rows, rows, shm, **variant)
     try:
-        dram_private = keys_per_s(lambda b: private.lookup("t", b), batches)
+        return keys_per_s(lambda b: tier.lookup("t", b), batches)
     finally:
-        private.close()
-    return {"dram_keys_per_s": dram, "dram_private_keys_per_s": dram_private, "gather_keys_per_s": gather_limit,
-            "two_level_gather_keys_per_s": two_level,
-            "dict_keys_per_s": as_dict, "dram_insert_rows_per_s": insert_rows_per_s}
+        tier.close()
 
 
 def free_port() -> int:
@@ -248,8 +257,7 @@ def main() -> None:
     rows = random_rows(num_rows, DIM, seed=0)
     batches = [rng.integers(0, num_rows, BATCH).astype(np.int64) for _ in range(16)]
     figures: dict[str, float | str | bool] = {"num_rows": num_rows, "dim": DIM, "batch": BATCH,
-                                              "shm_dir": str(args.shm_dir),
-                                              "shm_huge_pages": shm_huge_pages(args.shm_dir)}
+                                              "shm_dir": str(args.shm_dir)}
     with tempfile.TemporaryDirectory(prefix="recserve-bench-") as scratch:
         scratch_path = Path(scratch)
         with tempfile.TemporaryDirectory(prefix="recserve-bench-", dir=args.shm_dir) as shm:
@@ -262,6 +270,7 @@ def main() -> None:
     figures["dram_vs_two_level_gather"] = figures["dram_keys_per_s"] / figures["two_level_gather_keys_per_s"]
     figures["two_level_gather_vs_gather"] = figures["two_level_gather_keys_per_s"] / figures["gather_keys_per_s"]
     figures["dram_private_vs_gather"] = figures["dram_private_keys_per_s"] / figures["gather_keys_per_s"]
+    figures["dram_huge_vs_4k_pages"] = figures["dram_keys_per_s"] / figures["dram_4k_pages_keys_per_s"]
     figures["dram_vs_redis"] = figures["dram_keys_per_s"] / figures["redis_mget_keys_per_s"]
     figures["dram_vs_dict"] = figures["dram_keys_per_s"] / figures["dict_keys_per_s"]
     figures["rocks_vs_dbbench"] = figures["rocks_keys_per_s"] / figures["dbbench_multireadrandom_keys_per_s"]

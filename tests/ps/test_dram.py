@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps import _hashmap as hm
-from recserve.ps.dram import DramTableHandle, DramTier, shm_huge_pages
+from recserve.ps.dram import DramTableHandle, DramTier
 from tests.conftest import rows_for
 
 DIM = 4
@@ -494,26 +494,71 @@ def test_a_freed_record_fails_every_reader_whatever_key_it_held(shm_dir: Path) -
         tier.close()
 
 
-MOUNTS = """tmpfs /dev/shm tmpfs rw,relatime,size=24684096k 0 0
-tmpfs /mnt/huge tmpfs rw,relatime,size=8g,huge=always 0 0
-tmpfs /mnt/huge/plain tmpfs rw,relatime 0 0
-tmpfs /mnt/sized\\040huge tmpfs rw,huge=within_size 0 0
-/dev/sda1 /mnt/disk ext4 rw,relatime 0 0
-"""
+def _pmd_mapped_bytes(array: np.ndarray) -> int:
+    """Bytes of the mapping holding `array` that this process maps with 2 MiB page-table entries."""
+    address = array.__array_interface__["data"][0]
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[0] == "ShmemPmdMapped:":
+            return int(fields[1]) * 1024
+    raise AssertionError("no mapping holds the array")
 
 
-@pytest.mark.parametrize(
-    ("folder", "shmem_enabled", "expected"),
-    [
-        ("/dev/shm", "always within_size advise [never] deny force", False),
-        ("/mnt/huge", "always within_size advise [never] deny force", True),
-        ("/mnt/huge/tables/rmc1", "[never]", True),  # the deepest mount holding the folder decides
-        ("/mnt/huge/plain", "[never]", False),
-        ("/mnt/sized huge", "[never]", True),  # /proc/mounts escapes spaces
-        ("/mnt/disk", "[never]", False),
-        ("/dev/shm", "always within_size advise never deny [force]", True),  # the machine overrides mounts
-        ("/mnt/huge", "always within_size advise never [deny] force", False),
-    ],
-)
-def test_shm_huge_pages_reads_the_mount_holding_the_folder(folder: str, shmem_enabled: str, expected: bool) -> None:
-    assert shm_huge_pages(Path(folder), MOUNTS, shmem_enabled) is expected
+def _kernel_collapses_shmem() -> bool:
+    """MADV_COLLAPSE (Linux 6.1) builds huge pages in a tmpfs file unless shmem_enabled is `deny`."""
+    release = tuple(int(x) for x in Path("/proc/sys/kernel/osrelease").read_text().split(".")[:2])
+    shmem = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+    return release >= (6, 1) and shmem.exists() and "[deny]" not in shmem.read_text()
+
+
+def _huge_pages_in_child(handles: list[DramTableHandle], keys: np.ndarray, queue: mp.Queue) -> None:
+    tier = DramTier.attach(handles)
+    result = tier.lookup("t", keys)
+    queue.put((result.rows, result.found, _pmd_mapped_bytes(tier.table("t").values)))
+    tier.close()
+
+
+def test_shared_tables_sit_on_huge_pages_in_every_process_that_maps_them(shm_dir: Path) -> None:
+    config = DramTierConfig(shm_dir=shm_dir, num_partitions=2)
+    tier = DramTier.create([TableConfig(name="t", dim=64, dram_capacity_rows=40_000)], config)
+    try:
+        table = tier.table("t")
+        assert table.huge_pages is _kernel_collapses_shmem()
+        assert Path(table.handle.path).stat().st_size % (2 << 20) == 0  # whole huge pages
+        keys = np.arange(30_000, dtype=np.int64)
+        tier.insert("t", keys, rows_for(keys, 64))
+        mapped_here = _pmd_mapped_bytes(table.values)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_huge_pages_in_child, args=(tier.handles(), keys, queue))
+        child.start()
+        rows, found, mapped_there = queue.get(timeout=120)
+        child.join(timeout=60)
+        assert found.all()
+        np.testing.assert_array_equal(rows, rows_for(keys, 64))
+        if table.huge_pages:  # all but the part of the last huge page past the arrays
+            assert mapped_here >= table.handle.nbytes - (2 << 20)
+            assert mapped_there >= table.handle.nbytes - (2 << 20)
+        else:
+            assert mapped_here == mapped_there == 0
+    finally:
+        tier.close()
+
+
+def test_tables_without_huge_pages_take_memory_as_rows_arrive(shm_dir: Path) -> None:
+    config = DramTierConfig(shm_dir=shm_dir, num_partitions=2, huge_pages=False)
+    tier = DramTier.create([TableConfig(name="t", dim=64, dram_capacity_rows=40_000)], config)
+    try:
+        table = tier.table("t")
+        path = Path(table.handle.path)
+        assert not table.huge_pages
+        assert path.stat().st_size == table.handle.nbytes
+        assert path.stat().st_blocks * 512 < table.handle.nbytes // 2  # the records are not yet written
+        tier.insert("t", np.arange(100, dtype=np.int64), rows_for(np.arange(100), 64))
+        assert _pmd_mapped_bytes(table.values) == 0
+    finally:
+        tier.close()

@@ -25,6 +25,7 @@ import numpy as np
 from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import NotFoundError
 from recserve.ps import _hashmap as hm
+from recserve.ps._shm import HUGE_PAGE, collapse_to_huge_pages, map_file
 from recserve.ps.keys import unique_inverse
 from recserve.ps.pooling import add_to_bags, pool
 from recserve.ps.tiers import LookupResult, PooledResult, TierTableStats, check_rows
@@ -58,6 +59,7 @@ class DramTableHandle:
     capacity: int  # rows per partition
     policy: int
     keep: int  # rows a full partition is cut down to when it must evict
+    huge_pages: bool = False  # the creator asks the kernel for 2 MiB pages (see _shm.py)
 
     @property
     def shared(self) -> bool:
@@ -76,7 +78,12 @@ class DramTableHandle:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the arrays; the file is rounded up to whole huge pages when it asks for them."""
         return 8 * sum(self.sizes().values())
+
+    @property
+    def file_bytes(self) -> int:
+        return -(-self.nbytes // HUGE_PAGE) * HUGE_PAGE if self.huge_pages else self.nbytes
 
 
 def plan_table(table: TableConfig, config: DramTierConfig, path: str) -> DramTableHandle:
@@ -91,6 +98,7 @@ def plan_table(table: TableConfig, config: DramTierConfig, path: str) -> DramTab
     return DramTableHandle(
         path=path, name=table.name, dim=table.dim, dtype=table.dtype, num_partitions=num_partitions,
         num_slots=num_slots, capacity=capacity, policy=_POLICY_CODES[table.overflow_policy], keep=keep,
+        huge_pages=config.huge_pages and bool(path),
     )
 
 
@@ -103,22 +111,25 @@ class DramTable:
         self._fd = self._open_file(handle, create) if handle.shared else None
         if create and handle.shared:  # also on exit of an owner that never called close()
             self._unlink_at_exit = weakref.finalize(self, Path(handle.path).unlink, missing_ok=True)
+        offset = 0
+        self.huge_pages = False  # whether the kernel backed this map with 2 MiB pages (as far as we know)
         if self._fd is None:
             if not create:
                 raise NotFoundError(f"dram: table '{handle.name}' lives in one process's private memory")
             self._map = mmap.mmap(-1, handle.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         else:
             try:
-                self._map = mmap.mmap(self._fd, handle.nbytes)
+                self._map, offset = map_file(self._fd, handle.file_bytes)
             except BaseException:
                 os.close(self._fd)
                 raise
-        # Random row reads miss the TLB on every access with 4 KiB pages; huge pages make lookups up to 1.6x
-        # faster. Private memory gets them where transparent huge pages are on; shared memory only where the
-        # machine allows them for shmem (/sys/kernel/mm/transparent_hugepage/shmem_enabled).
+            if create and handle.huge_pages:
+                self.huge_pages = collapse_to_huge_pages(self._map, offset, handle.file_bytes)
+        # Private memory gets transparent huge pages on request where they are on (`madvise` or `always`), and so
+        # does a file on a tmpfs mounted with huge=advise.
         with contextlib.suppress(OSError, AttributeError):
             self._map.madvise(mmap.MADV_HUGEPAGE)
-        words = np.frombuffer(self._map, dtype=np.int64)
+        words = np.frombuffer(self._map, dtype=np.int64, count=handle.nbytes // 8, offset=offset)
         arrays, start = {}, 0
         for part_name, size in handle.sizes().items():
             arrays[part_name] = words[start : start + size]
@@ -142,7 +153,7 @@ class DramTable:
         fd = os.open(handle.path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, handle.nbytes)
+                os.ftruncate(fd, handle.file_bytes)
         except BaseException:
             os.close(fd)
             os.unlink(handle.path)
@@ -316,37 +327,6 @@ def remove_stale_files(shm_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def shm_huge_pages(shm_dir: Path, mounts: str | None = None, shmem_enabled: str | None = None) -> bool:
-    """Whether files under shm_dir may be backed by 2 MiB pages (each table's map asks for them).
-
-    Random reads of a large table miss the TLB at nearly every key with 4 KiB pages; a tmpfs mounted with
-    `huge=always`, `within_size` or `advise` gives shared memory huge pages (README, "Huge pages for the shared
-    DRAM tier": lookups into a 10M-row table about twice as fast), whereas /dev/shm follows
-    /sys/kernel/mm/transparent_hugepage/shmem_enabled, `never` on many machines. `mounts` and `shmem_enabled`
-    default to the running machine's.
-    """
-    if mounts is None:
-        mounts = Path("/proc/mounts").read_text()
-    if shmem_enabled is None:
-        shmem_enabled = ""
-        with contextlib.suppress(OSError):
-            shmem_enabled = Path("/sys/kernel/mm/transparent_hugepage/shmem_enabled").read_text()
-    if "[deny]" in shmem_enabled or "[force]" in shmem_enabled:  # the machine overrides every mount
-        return "[force]" in shmem_enabled
-    target = shm_dir.resolve()
-    best: tuple[int, str, str] = (-1, "", "")
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        point = Path(fields[1].replace("\\040", " "))
-        if target.is_relative_to(point) and len(point.parts) > best[0]:
-            best = (len(point.parts), fields[2], fields[3])
-    _, fstype, options = best
-    return fstype == "tmpfs" and any(o in options.split(",") for o in ("huge=always", "huge=within_size",
-                                                                     "huge=advise"))
-
-
 class DramTier:
     """The DRAM tier of the parameter server: a `DramTable` per table."""
 
@@ -359,9 +339,6 @@ class DramTier:
     def create(cls, tables: list[TableConfig], config: DramTierConfig) -> DramTier:
         if config.shared_memory:
             remove_stale_files(config.shm_dir)
-            if not shm_huge_pages(config.shm_dir):
-                log.info("dram: %s gives shared memory 4 KiB pages; lookups into large tables run about twice as "
-                         "fast from a tmpfs mounted with huge=always (README: huge pages)", config.shm_dir)
         run = f"recserve-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         created: dict[str, DramTable] = {}
         try:
