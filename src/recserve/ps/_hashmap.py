@@ -37,6 +37,8 @@ EMPTY = -1
 MAX_RETRIES = 1 << 16
 CHUNK = 4096  # keys per parallel task of a lookup
 LOOKUP_BLOCK = 32  # keys taken through each phase of a lookup together (see `lookup_range`)
+SLOTS_PER_LINE = 4  # (key, record) index slots in a 64-byte cache line
+NOT_AT_HOME = -2
 # clock words
 CLOCK_ACCESS, CLOCK_WRITES_STARTED, CLOCK_WRITES_FINISHED = 0, 1, 2
 # part columns
@@ -81,7 +83,8 @@ def partition_of(key, num_partitions):
 
 @njit(inline="always", cache=True)
 def home_slot(key, num_slots):
-    return np.int64((mix64(key) >> _S32) & np.uint64(num_slots - 1))
+    """Where probing for key starts: the first slot of its home cache line (see `lookup_range`)."""
+    return np.int64((mix64(key) >> _S32) & np.uint64(num_slots - SLOTS_PER_LINE))
 
 
 @njit(cache=True)
@@ -178,19 +181,36 @@ def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, l
         for j in range(b0, b1):
             home[j - b0] = home_entry(keys[j], num_partitions, num_slots)
             prefetch(slots, 2 * home[j - b0])
+        away = 0
         for j in range(b0, b1):
-            # most keys sit in their home slot (the index is at most half full); the others take the full probe
+            # Nearly every key sits in its home line (the index is at most half full): all four slots are
+            # compared without a branch, so the core never waits on this line's arrival to guess where to go
+            # next. The few others take the full probe below.
             e = home[j - b0]
-            r = slots[2 * e + 1]
-            if not (r >= 0 and slots[2 * e] == keys[j]):
-                r = locate(part, slots, num_slots, keys[j])
+            r = NOT_AT_HOME
+            for w in range(SLOTS_PER_LINE):
+                held = slots[2 * (e + w) + 1]
+                r = held if (slots[2 * (e + w)] == keys[j]) & (held >= 0) else r
             where[j] = r
-            if r >= 0:
-                prefetch_record(rec, r, words)
+            away += r == NOT_AT_HOME
+            prefetch_record(rec, max(r, 0), words)
+        if away:
+            for j in range(b0, b1):
+                if where[j] == NOT_AT_HOME:
+                    where[j] = locate(part, slots, num_slots, keys[j])
+                    prefetch_record(rec, max(where[j], 0), words)
+        changed = 0
         for j in range(b0, b1):
-            r = read_row(part, slots, rec, values, num_slots, words, offset, keys[j], where[j], out[j])
-            found[j] = r >= 0
-            where[j] = r
+            r = where[j]
+            found[j] = r >= 0 and copy_record(rec, values, r, words, offset, keys[j], out[j])
+            changed += r >= 0 and not found[j]
+        if changed:  # a writer moved or rewrote the record meanwhile: find the key again, out of the hot loop
+            for j in range(b0, b1):
+                if where[j] >= 0 and not found[j]:
+                    where[j] = read_row(part, slots, rec, values, num_slots, words, offset, keys[j], where[j], out[j])
+                    found[j] = where[j] >= 0
+            for j in range(b0, b1):
+                where[j] = where[j] if found[j] else -1
         # Each hit's recency (and use count) in a loop of its own, while the block's records are in cache: stored
         # inside the copy loop, into the memory it reads, it cost ~70 instructions a key (the compiler must then
         # assume every array read may have changed) and made lookups 1.2-1.7x slower; stored after the whole
