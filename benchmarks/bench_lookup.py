@@ -50,7 +50,9 @@ def gather_rows(table, index, out):
             out[i, c] = table[row, c]
 
 
-@njit(cache=True)
+# Not cached: numba's cache of a function keys on its own file only, and these inline the DRAM tier's probing
+# from another; a cached copy would outlive a change to it and find the wrong slots.
+@njit
 def slot_entries(slots, num_partitions, num_slots, keys):
     """The index entry of each key in a DRAM table (all present)."""
     out = np.empty(keys.size, dtype=np.int64)
@@ -59,7 +61,7 @@ def slot_entries(slots, num_partitions, num_slots, keys):
     return out
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(parallel=True, nogil=True)
 def two_level_gather(slots, rec, values, entries, words, offset, out):
     """Each key's record through its index entry, found beforehand: the DRAM tier's layout (an index slot, then a
     record) read as its lookup reads it, a block of keys per phase with the next reads prefetched, but without
@@ -115,6 +117,7 @@ def bench_dram(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], shm: 
         held = tier.table("t")
         plan = held.handle
         entries = {id(b): slot_entries(held.slots, plan.num_partitions, plan.num_slots, b) for b in batches}
+        assert all((e >= 0).all() for e in entries.values())
 
         def layout_floor(batch: np.ndarray) -> None:
             out = np.empty((batch.size, DIM), dtype=np.float32)
