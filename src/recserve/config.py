@@ -96,9 +96,9 @@ class DramTierConfig(StrictModel):
     )
     shm_dir: Path = Field(Path("/dev/shm"), description="Folder of the shared-memory files.")
     huge_pages: bool = Field(
-        True, description="Back shared tables with 2 MiB pages where the kernel allows (Linux 6.1+): random "
-        "lookups into large tables run up to 1.7x faster. Commits each table's whole capacity when it is created "
-        "(about 2 s a GiB); off: memory grows with the rows held.",
+        True, description="Back shared tables of 16 MiB and more with 2 MiB pages where the kernel allows (Linux "
+        "6.1+): random lookups into large tables run up to 1.7x faster. Commits each such table's whole capacity "
+        "when it is created (about 2 s a GiB); off: memory grows with the rows held.",
     )
 
 

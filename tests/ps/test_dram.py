@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps import _hashmap as hm
-from recserve.ps.dram import DramTableHandle, DramTier
+from recserve.ps.dram import HUGE_PAGES_MIN_BYTES, DramTableHandle, DramTier
 from tests.conftest import rows_for
 
 DIM = 4
@@ -522,14 +522,15 @@ def _huge_pages_in_child(handles: list[DramTableHandle], keys: np.ndarray, queue
     tier.close()
 
 
-def test_shared_tables_sit_on_huge_pages_in_every_process_that_maps_them(shm_dir: Path) -> None:
+def test_large_shared_tables_sit_on_huge_pages_in_every_process_that_maps_them(shm_dir: Path) -> None:
     config = DramTierConfig(shm_dir=shm_dir, num_partitions=2)
-    tier = DramTier.create([TableConfig(name="t", dim=64, dram_capacity_rows=40_000)], config)
+    tier = DramTier.create([TableConfig(name="t", dim=64, dram_capacity_rows=80_000)], config)
     try:
         table = tier.table("t")
+        assert table.handle.nbytes >= HUGE_PAGES_MIN_BYTES
         assert table.huge_pages is _kernel_collapses_shmem()
         assert Path(table.handle.path).stat().st_size % (2 << 20) == 0  # whole huge pages
-        keys = np.arange(30_000, dtype=np.int64)
+        keys = np.arange(70_000, dtype=np.int64)
         tier.insert("t", keys, rows_for(keys, 64))
         mapped_here = _pmd_mapped_bytes(table.values)
         ctx = mp.get_context("spawn")
@@ -549,13 +550,16 @@ def test_shared_tables_sit_on_huge_pages_in_every_process_that_maps_them(shm_dir
         tier.close()
 
 
-def test_tables_without_huge_pages_take_memory_as_rows_arrive(shm_dir: Path) -> None:
-    config = DramTierConfig(shm_dir=shm_dir, num_partitions=2, huge_pages=False)
-    tier = DramTier.create([TableConfig(name="t", dim=64, dram_capacity_rows=40_000)], config)
+@pytest.mark.parametrize(("capacity", "huge_pages"), [(20_000, True), (80_000, False)])
+def test_small_tables_and_tables_told_not_to_take_memory_as_rows_arrive(shm_dir: Path, capacity: int,
+                                                                         huge_pages: bool) -> None:
+    config = DramTierConfig(shm_dir=shm_dir, num_partitions=2, huge_pages=huge_pages)
+    tier = DramTier.create([TableConfig(name="t", dim=64, dram_capacity_rows=capacity)], config)
     try:
         table = tier.table("t")
         path = Path(table.handle.path)
         assert not table.huge_pages
+        assert (table.handle.nbytes < HUGE_PAGES_MIN_BYTES) is huge_pages
         assert path.stat().st_size == table.handle.nbytes
         assert path.stat().st_blocks * 512 < table.handle.nbytes // 2  # the records are not yet written
         tier.insert("t", np.arange(100, dtype=np.int64), rows_for(np.arange(100), 64))

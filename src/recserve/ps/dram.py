@@ -9,6 +9,7 @@ if a writer dies); readers take none. The kernels and the consistency protocol a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import math
@@ -43,6 +44,9 @@ _POLICY_CODES = {
 DEDUPE_ABOVE_SHARE = 4
 FUSED_MAX_KEYS = 32_768
 _NO_POSITIONS = np.empty(0, dtype=np.int64)
+# Tables smaller than this stay on 4 KiB pages: the TLB covers most of them anyway, and a huge page would commit
+# up to 2 MiB of memory for a table of a few rows.
+HUGE_PAGES_MIN_BYTES = 16 << 20
 _STORAGE_DTYPE = {"float32": np.float32, "float16": np.uint16}  # float16 travels as its bits through numba
 
 
@@ -95,11 +99,12 @@ def plan_table(table: TableConfig, config: DramTierConfig, path: str) -> DramTab
     capacity = math.ceil(share + (4 * math.sqrt(share) if num_partitions > 1 else 0))
     num_slots = 1 << max(3, math.ceil(math.log2(2 * capacity)))
     keep = min(capacity - 1, math.floor(capacity * config.overflow_resolution_target))
-    return DramTableHandle(
+    handle = DramTableHandle(
         path=path, name=table.name, dim=table.dim, dtype=table.dtype, num_partitions=num_partitions,
         num_slots=num_slots, capacity=capacity, policy=_POLICY_CODES[table.overflow_policy], keep=keep,
-        huge_pages=config.huge_pages and bool(path),
     )
+    wants_huge_pages = config.huge_pages and handle.shared and handle.nbytes >= HUGE_PAGES_MIN_BYTES
+    return dataclasses.replace(handle, huge_pages=True) if wants_huge_pages else handle
 
 
 class DramTable:
