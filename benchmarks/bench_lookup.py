@@ -1,6 +1,6 @@
 """Parameter-server lookup speed, each figure against its limit or rival measured in the same run.
 
-    python benchmarks/bench_lookup.py            # 10M keys x 64 float32 (about 8 GB of RAM at peak)
+    python benchmarks/bench_lookup.py            # 10M keys x 64 float32 (about 14 GB of RAM at peak)
     python benchmarks/bench_lookup.py --quick    # 1M keys, for CI-sized machines
     python benchmarks/bench_lookup.py --shm-dir /mnt/recserve-huge   # the DRAM tier's files elsewhere
 
@@ -81,14 +81,23 @@ def two_level_gather(slots, rec, values, entries, words, offset, out):
 
 def keys_per_s(run: Callable[[np.ndarray], object], batches: list[np.ndarray], repeats: int = 3) -> float:
     """Median over repeats of the whole pass over `batches` (one warm-up pass first)."""
-    run(batches[0])
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        times.append(time.perf_counter() - started)
-    return sum(b.size for b in batches) / statistics.median(times)
+    return alternated({"run": run}, batches, repeats)["run"]
+
+
+def alternated(runs: dict[str, Callable[[np.ndarray], object]], batches: list[np.ndarray], rounds: int = 5
+               ) -> dict[str, float]:
+    """Keys/s of each run: a pass over `batches` each in turn, `rounds` times, the median pass of each; so that
+    the machine's drift (2x within minutes here) falls on every run alike. One warm-up pass each first."""
+    for run in runs.values():
+        run(batches[0])
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            for batch in batches:
+                run(batch)
+            times[name].append(time.perf_counter() - started)
+    return {name: sum(b.size for b in batches) / statistics.median(t) for name, t in times.items()}
 
 
 def build_dram(num_rows: int, rows: np.ndarray, shm: Path, shared: bool = True, huge_pages: bool = True
@@ -103,46 +112,40 @@ def build_dram(num_rows: int, rows: np.ndarray, shm: Path, shared: bool = True, 
 
 
 def bench_dram(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], shm: Path) -> dict:
+    """The DRAM tier (shared memory on huge pages, on 4 KiB pages, private memory), the gather and the layout's
+    floor, alternated; then the Python dict. About 3.5 GB of memory per DRAM tier at 10M rows."""
     started = time.perf_counter()
     tier = build_dram(num_rows, rows, shm)
     insert_rows_per_s = num_rows / (time.perf_counter() - started)
+    others = {"dram_4k_pages": build_dram(num_rows, rows, shm, huge_pages=False),
+              "dram_private": build_dram(num_rows, rows, shm, shared=False)}
     try:
-        dram = keys_per_s(lambda b: tier.lookup("t", b), batches)
         assert all(tier.lookup("t", b).found.all() for b in batches[:2])
-
-        def gather(batch: np.ndarray) -> None:
-            gather_rows(rows, batch, np.empty((batch.size, DIM), dtype=np.float32))
-
-        gather_limit = keys_per_s(gather, batches)
         held = tier.table("t")
         plan = held.handle
         entries = {id(b): slot_entries(held.slots, plan.num_partitions, plan.num_slots, b) for b in batches}
         assert all((e >= 0).all() for e in entries.values())
 
+        def gather(batch: np.ndarray) -> None:
+            gather_rows(rows, batch, np.empty((batch.size, DIM), dtype=np.float32))
+
         def layout_floor(batch: np.ndarray) -> None:
             out = np.empty((batch.size, DIM), dtype=np.float32)
             two_level_gather(held.slots, held.rec, held.values, entries[id(batch)], plan.words, held._offset, out)
 
-        two_level = keys_per_s(layout_floor, batches)
-        table = {int(k): rows[k] for k in range(num_rows)}
-        as_dict = keys_per_s(lambda b: np.stack([table[k] for k in b.tolist()]), batches[:4], repeats=1)
+        runs: dict[str, Callable[[np.ndarray], object]] = {
+            "dram": lambda b: tier.lookup("t", b), "gather": gather, "two_level_gather": layout_floor,
+        }
+        runs |= {name: (lambda b, other=other: other.lookup("t", b)) for name, other in others.items()}
+        speeds = alternated(runs, batches)
         huge_pages = held.huge_pages
     finally:
-        tier.close()
-    return {"dram_keys_per_s": dram, "dram_huge_pages": huge_pages, "gather_keys_per_s": gather_limit,
-            "two_level_gather_keys_per_s": two_level, "dict_keys_per_s": as_dict,
-            "dram_insert_rows_per_s": insert_rows_per_s,
-            "dram_4k_pages_keys_per_s": dram_lookups(num_rows, rows, batches, shm, huge_pages=False),
-            "dram_private_keys_per_s": dram_lookups(num_rows, rows, batches, shm, shared=False)}
-
-
-def dram_lookups(num_rows: int, rows: np.ndarray, batches: list[np.ndarray], shm: Path, **variant: bool) -> float:
-    """Keys/s of the DRAM tier built another way (one at a time: each holds a copy of the table)."""
-    tier = build_dram(num_rows, rows, shm, **variant)
-    try:
-        return keys_per_s(lambda b: tier.lookup("t", b), batches)
-    finally:
-        tier.close()
+        for made in (tier, *others.values()):
+            made.close()
+    table = {int(k): rows[k] for k in range(num_rows)}
+    as_dict = keys_per_s(lambda b: np.stack([table[k] for k in b.tolist()]), batches[:4], repeats=1)
+    return {f"{name}_keys_per_s": speed for name, speed in speeds.items()} | {
+        "dram_huge_pages": huge_pages, "dict_keys_per_s": as_dict, "dram_insert_rows_per_s": insert_rows_per_s}
 
 
 def free_port() -> int:
