@@ -2,15 +2,14 @@
 
     python benchmarks/bench_models.py            # `full` tables (tens of GB of rows in all, one model at a time)
     python benchmarks/bench_models.py --quick    # `tiny` tables
-    python benchmarks/bench_models.py --models rmc1 --shm-dir /mnt/recserve-huge   # shared memory on huge pages
+    python benchmarks/bench_models.py --models rmc1 --shm-dir /mnt/recserve-huge   # the DRAM tier's files elsewhere
 
 Each model's tables live in the DRAM tier (no RocksDB), as when serving from memory. Query sizes are items
 per query; keys are Zipf(1.05) per table. The last line is one JSON object: `models` (name -> {size ->
 items/s}), `preset`, and `rmc1_vs_embeddingbag_256`: RMC1 over the PS vs the same network holding the same
 tables in nn.EmbeddingBag with the indices precomputed (the in-RAM limit), at 256 items per query; and
 `rmc1_private_vs_embeddingbag_256`, the same with the DRAM tier in this process's private memory
-(`shared_memory: false`), which can use huge pages where shared memory cannot (--shm-dir: a tmpfs mounted
-with huge=always gives shared memory huge pages too; README, "Huge pages for the shared DRAM tier").
+(`shared_memory: false`).
 """
 
 from __future__ import annotations
@@ -94,7 +93,7 @@ def main() -> None:
         print(f"{name:<6} " + "  ".join(f"{size:>4} items: {speed:>10,.0f}/s" for size, speed in speeds.items()))
         if local is not None:
             rmc1_ratio = ratio
-            # the DRAM tier in one process's private memory, which gets huge pages here (shared memory does not)
+            # the DRAM tier in one process's private memory
             _, rmc1_private_ratio = bench_model(name, preset, args.shm_dir, shared_memory=False, local=local, sizes=())
             del local
     if rmc1_ratio is not None:
