@@ -92,7 +92,7 @@ class DramTierConfig(StrictModel):
     )
     shared_memory: bool = Field(
         True, description="Keep tables in shared memory so worker processes read one copy. Off: memory private "
-        "to one process (threads share it), which can use transparent huge pages and look up faster.",
+        "to one process (threads share it).",
     )
     shm_dir: Path = Field(Path("/dev/shm"), description="Folder of the shared-memory files.")
     huge_pages: bool = Field(

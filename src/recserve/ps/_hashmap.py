@@ -5,7 +5,8 @@ at once without locks, and do whole batches in compiled loops. Layout of one tab
 one shared-memory file; P partitions, S index slots and C rows per partition):
 
     part   int64 [P, 8]        per partition: seq version, size, free-stack top, evictions, rejections
-    slots  int64 [P*S*2]       index, linear probing: (key, record) pairs; record -1 = empty slot
+    slots  int64 [P*S*2]       index, linear probing from the first slot of the key's home cache line:
+                               (key, record) pairs; record -1 = empty slot
     rec    int64 [P*C*W]       records of W words: version, key, last access, access count, then the values
     free   int64 [P*C]         per-partition stacks of free record numbers
     clock  int64 [8]           [0]: the access clock that orders LRU; [1], [2]: writes through to slower
@@ -229,11 +230,11 @@ def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, 
     """out[i] = row of keys[i] where found[i]; marks each hit as just used.
 
     Each key costs two dependent cache misses (index slot, then record) where a gather by known row index
-    costs one. Keys go through them a block at a time, each phase over the whole block: fetch every home slot,
-    then locate every key (a hit at home without a probe loop) and fetch its record, then copy every row. The
-    misses of a phase are independent, so the core keeps a block's worth in flight; and the loops stay short
-    and branch-light. 1.3-1.7x the keys/s of a software pipeline that interleaved the three steps of
-    different keys in one loop (README, DRAM-tier lookups).
+    costs one. Keys go through them a block at a time, each phase over the whole block: fetch every home line,
+    then find every key among its line's four slots (the few elsewhere take the probe) and fetch its record,
+    then copy every row. The misses of a phase are independent, so the core keeps a block's worth in flight;
+    and the loops stay short and branch-light. 1.3-1.7x the keys/s of a software pipeline that interleaved the
+    three steps of different keys in one loop (README, phased lookups in home lines).
     """
     n = keys.size
     now = fetch_add(clock, CLOCK_ACCESS, n)
