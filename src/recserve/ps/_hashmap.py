@@ -138,10 +138,11 @@ def copy_record(rec, values, r, words, offset, key, out_row):
     version = load_acquire(rec, head + R_VERSION)
     if version & (V_WRITING | V_LIVE) != V_LIVE:
         return False
-    owner = rec[head + R_KEY]
+    owner = rec[np.uint64(head + R_KEY)]
+    row = np.uint64(r)
     for c in range(out_row.size):
         # an unsigned index: numba then skips its negative-index wraparound test, and the copy vectorizes (4x)
-        out_row[c] = values[r, np.uint64(offset + c)]
+        out_row[np.uint64(c)] = values[row, np.uint64(offset + c)]
     acquire_fence()
     return load_acquire(rec, head + R_VERSION) == version and owner == key
 
@@ -179,20 +180,24 @@ def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, l
     home = np.empty(LOOKUP_BLOCK, dtype=np.int64)
     for b0 in range(lo, hi, LOOKUP_BLOCK):
         b1 = min(hi, b0 + LOOKUP_BLOCK)
+        # Unsigned indices in the hot loops: numba then skips its negative-index wraparound, a compare and a
+        # select on every access.
         for j in range(b0, b1):
-            home[j - b0] = home_entry(keys[j], num_partitions, num_slots)
-            prefetch(slots, 2 * home[j - b0])
+            e = home_entry(keys[np.uint64(j)], num_partitions, num_slots)
+            home[np.uint64(j - b0)] = e
+            prefetch(slots, 2 * e)
         away = 0
         for j in range(b0, b1):
             # Nearly every key sits in its home line (the index is at most half full): all four slots are
             # compared without a branch, so the core never waits on this line's arrival to guess where to go
             # next. The few others take the full probe below.
-            e = home[j - b0]
+            line = np.uint64(2 * home[np.uint64(j - b0)])  # the word of the line's first slot
+            key = keys[np.uint64(j)]
             r = NOT_AT_HOME
             for w in range(SLOTS_PER_LINE):
-                held = slots[2 * (e + w) + 1]
-                r = held if (slots[2 * (e + w)] == keys[j]) & (held >= 0) else r
-            where[j] = r
+                held = slots[line + np.uint64(2 * w + 1)]
+                r = held if (slots[line + np.uint64(2 * w)] == key) & (held >= 0) else r
+            where[np.uint64(j)] = r
             away += r == NOT_AT_HOME
             prefetch_record(rec, max(r, 0), words)
         if away:
@@ -202,9 +207,10 @@ def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, l
                     prefetch_record(rec, max(where[j], 0), words)
         changed = 0
         for j in range(b0, b1):
-            r = where[j]
-            found[j] = r >= 0 and copy_record(rec, values, r, words, offset, keys[j], out[j])
-            changed += r >= 0 and not found[j]
+            i = np.uint64(j)
+            r = where[i]
+            found[i] = r >= 0 and copy_record(rec, values, r, words, offset, keys[i], out[i])
+            changed += r >= 0 and not found[i]
         if changed:  # a writer moved or rewrote the record meanwhile: find the key again, out of the hot loop
             for j in range(b0, b1):
                 if where[j] >= 0 and not found[j]:
@@ -218,11 +224,11 @@ def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, l
         # chunk, it missed the cache again. A time can land on a record that was just reused for another key:
         # it only orders evictions, and never touches a row.
         for j in range(b0, b1):
-            r = where[j]
+            r = where[np.uint64(j)]
             if r >= 0:
-                rec[r * words + R_TIME] = clock_now + j
+                rec[np.uint64(r * words + R_TIME)] = clock_now + j
                 if track_count:
-                    rec[r * words + R_COUNT] += 1
+                    rec[np.uint64(r * words + R_COUNT)] += 1
 
 
 @njit(parallel=True, nogil=True, cache=True)
@@ -280,9 +286,9 @@ def pool_bags(clock_now, part, slots, rec, values, keys, offsets, out, found, b0
         for k in range(start, stop):
             while offsets[b + 1] <= k:
                 b += 1
-            if hits[k - start]:
+            if hits[np.uint64(k - start)]:
                 for c in range(dim):
-                    out[b, c] += block[k - start, np.uint64(c)]
+                    out[np.uint64(b), np.uint64(c)] += block[np.uint64(k - start), np.uint64(c)]
             else:
                 missing += 1
     return missing
