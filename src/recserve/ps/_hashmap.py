@@ -133,7 +133,7 @@ def locate(part, slots, num_slots, key):
 
 @njit(inline="always", cache=True)
 def copy_record(rec, values, r, words, offset, key, out_row):
-    """Copy record r into out_row if it holds key and no writer touched it meanwhile (the seqlock read)."""
+    """Copy record r (>= 0) into out_row if it holds key and no writer touched it meanwhile (the seqlock read)."""
     head = r * words
     version = load_acquire(rec, head + R_VERSION)
     if version & (V_WRITING | V_LIVE) != V_LIVE:
