@@ -216,8 +216,6 @@ def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, l
                 if where[j] >= 0 and not found[j]:
                     where[j] = read_row(part, slots, rec, values, num_slots, words, offset, keys[j], where[j], out[j])
                     found[j] = where[j] >= 0
-            for j in range(b0, b1):
-                where[j] = where[j] if found[j] else -1
         # Each hit's recency (and use count) in a loop of its own, while the block's records are in cache: stored
         # inside the copy loop, into the memory it reads, it cost ~70 instructions a key (the compiler must then
         # assume every array read may have changed) and made lookups 1.2-1.7x slower; stored after the whole
