@@ -31,6 +31,11 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 
 
+def whole_huge_pages(n: int) -> int:
+    """n rounded up to a multiple of HUGE_PAGE (bytes or an address)."""
+    return -(-n // HUGE_PAGE) * HUGE_PAGE
+
+
 def map_file(fd: int, nbytes: int) -> tuple[mmap.mmap, int]:
     """Map nbytes of the file at fd, shared, read-write, from a 2 MiB-aligned address.
 
@@ -39,7 +44,7 @@ def map_file(fd: int, nbytes: int) -> tuple[mmap.mmap, int]:
     reserve = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         start = ctypes.addressof(ctypes.c_char.from_buffer(reserve))  # the ctypes object goes at once
-        aligned = -(-start // HUGE_PAGE) * HUGE_PAGE
+        aligned = whole_huge_pages(start)
         placed = _libc.mmap(aligned, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
         if placed != aligned:
             err = ctypes.get_errno()

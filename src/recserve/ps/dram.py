@@ -26,7 +26,7 @@ import numpy as np
 from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import NotFoundError
 from recserve.ps import _hashmap as hm
-from recserve.ps._shm import HUGE_PAGE, collapse_to_huge_pages, map_file
+from recserve.ps._shm import collapse_to_huge_pages, map_file, whole_huge_pages
 from recserve.ps.keys import unique_inverse
 from recserve.ps.pooling import add_to_bags, pool
 from recserve.ps.tiers import LookupResult, PooledResult, TierTableStats, check_rows
@@ -87,7 +87,7 @@ class DramTableHandle:
 
     @property
     def file_bytes(self) -> int:
-        return -(-self.nbytes // HUGE_PAGE) * HUGE_PAGE if self.huge_pages else self.nbytes
+        return whole_huge_pages(self.nbytes) if self.huge_pages else self.nbytes
 
 
 def plan_table(table: TableConfig, config: DramTierConfig, path: str) -> DramTableHandle:
