@@ -189,6 +189,71 @@ def test_a_dead_worker_fails_its_query_and_is_replaced(rmc1: ServedModel) -> Non
                                rtol=1e-5, atol=1e-6)
 
 
+def parked_worker(executor: object) -> object:
+    """The executor's worker once its driver waits for work (it stops waiting briefly every IDLE_POLL_S)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        worker = executor._workers[0]  # type: ignore[attr-defined]
+        if worker.parked:
+            return worker
+        time.sleep(0.01)
+    raise AssertionError("the worker's driver never waited for work")
+
+
+def test_a_caller_that_waits_anyway_runs_its_query_on_an_idle_worker(rmc1: ServedModel) -> None:
+    executor = rmc1.executor
+    query = QueryGenerator(rmc1.signature.spec, seed=13).query(5)  # one sub-batch of B=8
+    expected = scores_in_process(rmc1.folder, query.dense, query.sparse)
+    ran_here = 0
+    for _ in range(5):
+        parked_worker(executor)
+        future = executor.submit(*_args(query), run_here=True)
+        ran_here += future.done()  # run on this thread: answered before submit returned
+        result = future.result(60)
+        assert result.sub_batches == 1
+        np.testing.assert_allclose(result.scores, expected, rtol=1e-5, atol=1e-6)
+    assert ran_here >= 1
+    assert executor.queue_state() == (0, 0)
+
+
+def test_lent_and_queued_queries_mix_without_loss(rmc1: ServedModel) -> None:
+    """Threads that run queries on idle workers and queries that wait for a driver, at once: every one is
+    answered right, and the workers go back to their drivers."""
+    executor = rmc1.executor
+    generator = QueryGenerator(rmc1.signature.spec, seed=14)
+    queries = [generator.query(size) for size in (1, 3, 8, 20, 2, 30, 5, 7)]  # one and several sub-batches
+    expected = [scores_in_process(rmc1.folder, q.dense, q.sparse) for q in queries]
+
+    def call(index: int) -> np.ndarray:
+        query = queries[index % len(queries)]
+        return executor.submit(*_args(query), run_here=index % 3 != 0).result(60).scores
+
+    with concurrent.futures.ThreadPoolExecutor(6) as callers:
+        results = list(callers.map(call, range(48)))
+    for index, scores in enumerate(results):
+        np.testing.assert_allclose(scores, expected[index % len(queries)], rtol=1e-5, atol=1e-6)
+    assert executor.queue_state() == (0, 0)
+    parked_worker(executor)  # handed back: its driver waits for work again
+    assert executor.submit(*_args(queries[3])).result(60).sub_batches == 3  # and its driver runs queued ones
+
+
+def test_a_worker_that_dies_while_lent_fails_that_query_and_is_replaced(rmc1: ServedModel) -> None:
+    executor = rmc1.executor
+    generator = QueryGenerator(rmc1.signature.spec, seed=15)
+    worker = parked_worker(executor)
+    os.kill(worker.process.pid, signal.SIGKILL)
+    worker.process.join(10)
+    with pytest.raises(ServerError, match="died"):
+        executor.submit(*_args(generator.query(2)), run_here=True).result(60)
+    deadline = time.monotonic() + 120
+    while executor.num_workers_alive() < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    query = generator.query(4)
+    result = executor.submit(*_args(query), run_here=True).result(120)
+    np.testing.assert_allclose(result.scores, scores_in_process(rmc1.folder, query.dense, query.sparse),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_misses_are_read_from_rocksdb_through_the_owner(tmp_path: Path) -> None:
     """DRAM holds a tenth of each table: workers send misses to the serving process, which reads RocksDB."""
     folder = tmp_path / "ncf"

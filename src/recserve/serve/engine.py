@@ -134,15 +134,16 @@ class InferenceServer:
 
     # --- inference ---
 
-    def submit(self, name: str, version: str, request: InferRequest, timeout_s: float | None
-               ) -> concurrent.futures.Future[QueryResult]:
-        """Check the request against the model and admit it (or raise); the Future resolves to its result."""
+    def submit(self, name: str, version: str, request: InferRequest, timeout_s: float | None, *,
+               run_here: bool = False) -> concurrent.futures.Future[QueryResult]:
+        """Check the request against the model and admit it (or raise); the Future resolves to its result.
+        run_here: as `Executor.submit` (a caller on its own thread, never the event loop)."""
         model = self.model(name, version)
         unknown = [o for o in request.outputs if o not in {t.name for t in model.signature.outputs}]
         if unknown:
             raise InvalidInputError(f"model '{name}' has no outputs {unknown} (it has: scores)")
         dense, sparse = model.signature.decode(request.inputs)
-        return model.executor.submit(dense, sparse, timeout_s)
+        return model.executor.submit(dense, sparse, timeout_s, run_here=run_here)
 
     async def infer(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
                     protocol: str) -> dict[str, np.ndarray]:
@@ -156,7 +157,8 @@ class InferenceServer:
         """As `infer`, for a front end with a thread per request; `on_abandon` registers what to call if the
         client goes away (the query is then dropped from the queue)."""
         with self._accounted(name, protocol) as outcome:
-            future = self.submit(name, version, request, timeout_s)
+            # this thread would only wait: an idle worker runs the query straight from it
+            future = self.submit(name, version, request, timeout_s, run_here=True)
             on_abandon(future.cancel)
             wait_s = (timeout_s or self.models[name].executor.latency_target_s) + RESULT_GRACE_S
             try:
