@@ -6,8 +6,10 @@
 RMC1 `tiny` (the full structure: 8 tables x 80 lookups per item, the paper's MLPs; 1,000-row tables, all in
 the DRAM tier). In-process: the same model and weights called in a closed loop in this process with every
 core. Served: `recserve serve` in its own process (W workers x k threads, B items per sub-batch, from the
-flags), driven in a closed loop by `--clients` tritonclient clients, each with one query in flight. Client and
-server share the machine's cores, as a sidecar client would. The three modes run in turn, `--rounds` times, and
+flags), driven in a closed loop by `--clients` tritonclient clients (4), each with one query in flight: a query
+passes three stages in turn (the client encodes it, the server process receives it, a worker computes it), and
+with two in flight the cores sat idle between them. Client and server share the machine's cores, as a sidecar
+client would. The three modes run in turn, `--rounds` times, and
 each mode's median run counts: the machine's speed drifts by 2x within minutes. The last line is one JSON object:
 `grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s), `p50_1item_ms` (gRPC, one
 client, 1-item queries: the server's own overhead), the same query's in-process p50 back to back and after
@@ -178,7 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--queries", type=int, default=None, help="queries of 256 items per mode")
-    parser.add_argument("--clients", type=int, default=2, help="closed-loop clients, one query in flight each")
+    parser.add_argument("--clients", type=int, default=4, help="closed-loop clients, one query in flight each")
     parser.add_argument("--workers", type=int, default=2, help="W")
     parser.add_argument("--threads", type=int, default=1, help="k")
     parser.add_argument("--batch-size", type=int, default=256, help="B")

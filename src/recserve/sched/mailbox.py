@@ -36,7 +36,8 @@ class Letter(NamedTuple):
 
 
 class Mailbox:
-    """The writing side (the serving process). Not thread-safe: one driver thread owns it."""
+    """The writing side (the serving process). Not thread-safe: one thread at a time holds a worker, and its
+    mailbox (the worker's driver, or a submitting thread it is lent to)."""
 
     def __init__(self, shm_dir: Path, capacity: int = MIN_CAPACITY) -> None:
         self._shm_dir = shm_dir
