@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -252,6 +253,37 @@ def test_a_worker_that_dies_while_lent_fails_that_query_and_is_replaced(rmc1: Se
     result = executor.submit(*_args(query), run_here=True).result(120)
     np.testing.assert_allclose(result.scores, scores_in_process(rmc1.folder, query.dense, query.sparse),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_a_bug_while_lent_fails_that_query_and_keeps_the_worker(rmc1: ServedModel,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    executor = rmc1.executor
+    query = QueryGenerator(rmc1.signature.spec, seed=16).query(3)
+    worker = parked_worker(executor)
+    pid = worker.process.pid
+
+    real_run, caller = worker.run, threading.current_thread()
+
+    def broken_run(*args: object) -> object:
+        if threading.current_thread() is caller:  # the lent path only; its driver would die of it
+            raise RuntimeError("a bug")
+        return real_run(*args)
+
+    monkeypatch.setattr(worker, "run", broken_run)
+    for _ in range(5):  # until the worker was idle when submitted, and so lent
+        parked_worker(executor)
+        try:
+            executor.submit(*_args(query), run_here=True).result(60)
+        except ServerError as error:
+            assert "RuntimeError: a bug" in str(error)
+            break
+    else:
+        raise AssertionError("the worker was never lent")
+    monkeypatch.undo()
+    result = executor.submit(*_args(query), run_here=True).result(60)
+    np.testing.assert_allclose(result.scores, scores_in_process(rmc1.folder, query.dense, query.sparse),
+                               rtol=1e-5, atol=1e-6)
+    assert executor._workers[0].process.pid == pid and executor.queue_state() == (0, 0)
 
 
 def test_misses_are_read_from_rocksdb_through_the_owner(tmp_path: Path) -> None:

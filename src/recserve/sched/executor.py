@@ -296,13 +296,18 @@ class Executor:
         """Run a query of one sub-batch on a lent worker from the submitting thread, then hand it back."""
         query.first_sent_s = sent = self._clock()
         done: SubBatchDone | None = None
+        broken = False
         try:
             done = worker.run(next(self._sequence), self._knobs.threads_per_worker, query.arrays(0))
-        except ServerError as error:
+        except ServerError as error:  # the worker died
+            broken = True
             self._fail(query, error)
+        except Exception as error:  # a bug here fails this query, not the caller's thread nor the worker
+            log.exception("%s: running a query on a lent worker", self.name)
+            self._fail(query, ServerError(f"model '{self.name}': {type(error).__name__}: {error}"))
         finally:
             with self._cond:
-                worker.lent, worker.broken = False, done is None
+                worker.lent, worker.broken = False, broken
                 self._handed_back.notify_all()
         if done is not None:
             self._finish(query, 0, done, worker.route, self._clock() - sent)
