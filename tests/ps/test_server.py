@@ -250,6 +250,66 @@ def test_pooled_lookups_equal_pooling_a_dicts_rows(tmp_path_factory: pytest.Temp
             np.testing.assert_allclose(pooled, expected, rtol=1e-6)
 
 
+# Eight tables pooled in one call (ONE_CALL_MIN_TABLES and up): six float32 tables with room for their keys
+# (the DRAM tier's one compiled call), one too small for a batch (deduplicated on its own) and one float16.
+MANY_TABLES = [make_table(f"m{i}", dram_capacity_rows=1000) for i in range(6)] + [
+    make_table("small", dram_capacity_rows=6), make_table("half", dtype="float16", dram_capacity_rows=1000)]
+many_ops = st.tuples(
+    st.sampled_from(["insert", "update", "evict", "pool"]),
+    st.sampled_from([t.name for t in MANY_TABLES]),  # the table written or evicted
+    st.lists(st.lists(st.integers(0, 30), max_size=12), min_size=len(MANY_TABLES), max_size=len(MANY_TABLES)),
+    st.integers(1, 4),  # bags per table, cut evenly
+    st.sampled_from(["sum", "mean"]),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(many_ops, min_size=1, max_size=12))
+def test_pooling_many_tables_in_one_call_equals_pooling_a_dicts_rows(tmp_path_factory: pytest.TempPathFactory,
+                                                                     ops: list) -> None:
+    """lookup_pooled_tables over eight tables (one call to the DRAM tier for most): every bag of every table
+    pools the last rows written to that table, misses read from RocksDB, keys never written get zeros."""
+    from recserve.ps.server import ONE_CALL_MIN_TABLES
+
+    assert len(MANY_TABLES) >= ONE_CALL_MIN_TABLES
+    store = tmp_path_factory.mktemp("store")
+    names = [t.name for t in MANY_TABLES]
+    reference: dict[str, dict[int, np.ndarray]] = {name: {} for name in names}
+    zeros = np.zeros(DIM, dtype=np.float32)
+    with HierarchicalPS.from_config(make_ps_config(store, MANY_TABLES, partitions=2, target=0.5)) as ps:
+        for step, (kind, table, keys, num_bags, mode) in enumerate(ops):
+            written = np.asarray(keys[0], dtype=np.int64)
+            if kind in ("insert", "update") and written.size:
+                rows = rows_for(written, DIM, version=step)
+                if table == "half":  # what a float16 table gives back
+                    rows = rows.astype(np.float16).astype(np.float32)
+                getattr(ps, kind)(table, written, rows)
+                reference[table].update(zip(keys[0], rows, strict=True))
+            elif kind == "evict":
+                ps.tiers[0].evict(table, np.unique(written))
+            asked = [np.asarray(k, dtype=np.int64) for k in keys]
+            offsets = [np.linspace(0, k.size, num_bags + 1).astype(np.int64) for k in asked]
+            before = {name: ps.stats().tables[name] for name in names}
+            pooled = ps.lookup_pooled_tables(names, asked, offsets, mode)
+            for name, k, o, got in zip(names, keys, offsets, pooled, strict=True):
+                expected = pool_reference(reference[name], k, o, mode, zeros)
+                np.testing.assert_allclose(got, expected, rtol=1e-3 if name == "half" else 1e-6)
+                after = ps.stats().tables[name]
+                assert (after.lookups - before[name].lookups, after.keys - before[name].keys) == (1, len(k))
+
+
+def test_pooling_many_tables_refuses_bad_input_naming_the_table(ps: HierarchicalPS) -> None:
+    keys = np.arange(4, dtype=np.int64)
+    with pytest.raises(InvalidInputError, match="2 tables, 1 key arrays and 2 offset arrays"):
+        ps.lookup_pooled_tables(["t", "t"], [keys], [[0, 4], [0, 4]])
+    with pytest.raises(NotFoundError, match="unknown table 'nope'"):
+        ps.lookup_pooled_tables(["t", "nope"], [keys, keys], [[0, 4], [0, 4]])
+    with pytest.raises(InvalidInputError, match=r"table 't': offsets must run from 0 to the 4 keys"):
+        ps.lookup_pooled_tables(["t", "t"], [keys, keys], [[0, 4], [0, 3]])
+    with pytest.raises(InvalidInputError, match="pooling mode"):
+        ps.lookup_pooled_tables(["t"], [keys], [[0, 4]], "max")
+
+
 @pytest.mark.parametrize(("dram", "capacity", "num_asked"), [
     (True, 40_000, 8_000),  # the fused kernel, parallel: a batch small next to the table
     (True, 40_000, 1_000),  # the fused kernel on the caller's thread

@@ -18,10 +18,13 @@ import os
 import threading
 import uuid
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
+from numba import typed
 
 from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import NotFoundError
@@ -178,16 +181,21 @@ class DramTable:
         )
         return LookupResult(rows=self._to_float32(out), found=found)
 
-    def lookup_pooled(self, keys: np.ndarray, offsets: np.ndarray) -> PooledResult:
-        """The found rows of each bag keys[offsets[b]:offsets[b + 1]], summed; where the missing keys are."""
+    def pools_in_one_pass(self, num_keys: int) -> bool:
+        """Whether a pooled lookup of num_keys keys runs the fused kernel (look up and sum as it goes)."""
         h = self.handle
         # Reading a repeated key again is cheap while its row is in cache, and skipping the deduplication then
         # wins (RMC1 `full`, 20k keys of a query into 4M-row tables: 1.2x; one item's 80 keys: 2x). A batch
         # large next to its table repeats most keys, and reading each once wins by far (RMC1 `tiny`, 1,000-row
         # tables, 20k keys: 3x); so does a batch whose rows no longer stay in cache (80k keys into 4M rows in
         # shared memory: 1.4x). The fused kernel also adds float32 rows only.
-        fused = keys.size <= FUSED_MAX_KEYS and keys.size * DEDUPE_ABOVE_SHARE <= h.capacity * h.num_partitions
-        if not fused or h.dtype != "float32":
+        return (h.dtype == "float32" and num_keys <= FUSED_MAX_KEYS
+                and num_keys * DEDUPE_ABOVE_SHARE <= h.capacity * h.num_partitions)
+
+    def lookup_pooled(self, keys: np.ndarray, offsets: np.ndarray) -> PooledResult:
+        """The found rows of each bag keys[offsets[b]:offsets[b + 1]], summed; where the missing keys are."""
+        h = self.handle
+        if not self.pools_in_one_pass(keys.size):
             unique, inverse = unique_inverse(keys)
             result = self.lookup(unique)
             hits = int(np.count_nonzero(result.found))
@@ -339,6 +347,15 @@ class DramTier:
 
     def __init__(self, tables: dict[str, DramTable]) -> None:
         self._tables = tables
+        self._groups: dict[tuple[str, ...], _TableGroup] = {}  # tables pooled in one call, by their names
+        # the most keys of a table that go into such a call: a batch for the fused kernel (see pools_in_one_pass)
+        # too small for its parallel version
+        self._one_call_limits = {
+            name: limit for name, table in tables.items()
+            if (limit := min(hm.PARALLEL_MIN_KEYS - 1, FUSED_MAX_KEYS,
+                             table.handle.capacity * table.handle.num_partitions // DEDUPE_ABOVE_SHARE)) > 0
+            and table.handle.dtype == "float32"
+        }
 
     @classmethod
     def create(cls, tables: list[TableConfig], config: DramTierConfig) -> DramTier:
@@ -376,6 +393,32 @@ class DramTier:
     def lookup_pooled(self, table: str, keys: np.ndarray, offsets: np.ndarray) -> PooledResult:
         return self.table(table).lookup_pooled(keys, offsets)
 
+    def lookup_pooled_tables(self, tables: Sequence[str], keys: Sequence[np.ndarray],
+                             offsets: Sequence[np.ndarray]) -> list[PooledResult]:
+        """`lookup_pooled` of each table in turn, with the small batches of the fused kernel all in one call."""
+        limits = self._one_call_limits
+        if len(tables) > 1 and all(name in limits and k.size <= limits[name]
+                                   for name, k in zip(tables, keys, strict=True)):
+            return self._group(tuple(tables)).lookup(keys, offsets)
+        together = [i for i, (name, k) in enumerate(zip(tables, keys, strict=True))
+                    if name in limits and k.size <= limits[name]]
+        results: list[PooledResult | None] = [None] * len(tables)
+        if len(together) > 1:
+            group = self._group(tuple(tables[i] for i in together))
+            for i, result in zip(together, group.lookup([keys[i] for i in together],
+                                                        [offsets[i] for i in together]), strict=True):
+                results[i] = result
+        for i, name in enumerate(tables):
+            if results[i] is None:
+                results[i] = self.lookup_pooled(name, keys[i], offsets[i])
+        return results  # type: ignore[return-value]
+
+    def _group(self, names: tuple[str, ...]) -> _TableGroup:
+        group = self._groups.get(names)
+        if group is None:  # a model asks for the same tables query after query: built once
+            group = self._groups[names] = _TableGroup([self._tables[name] for name in names])
+        return group
+
     def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
                ) -> None:
         target = self.table(table)
@@ -403,5 +446,47 @@ class DramTier:
         return {name: table.stats() for name, table in self._tables.items()}
 
     def close(self) -> None:
+        self._groups.clear()  # their lists hold views of the tables' maps, which cannot close while they live
         for table in self._tables.values():
             table.close()
+
+
+class _TableGroup:
+    """Tables whose small pooled batches one compiled call reads (`hm.pooled_lookup_tables_kernel`): each
+    array of each table in a numba list, built once, so a call hands over five lists instead of five arrays a
+    table (numba checks the type of every argument on every call, ~0.3 us an array)."""
+
+    def __init__(self, tables: list[DramTable]) -> None:
+        self.clocks = typed.List([t.clock for t in tables])
+        self.parts = typed.List([t.part for t in tables])
+        self.slots = typed.List([t.slots for t in tables])
+        self.recs = typed.List([t.rec for t in tables])
+        self.values = typed.List([t.values for t in tables])
+        self.dims = [t.handle.dim for t in tables]
+        self.geometry = np.array([
+            (t.handle.num_slots, t.handle.words, t._offset, t.handle.policy == hm.POLICY_LFU, t.handle.dim)
+            for t in tables
+        ], dtype=np.int64)
+
+    def lookup(self, keys: Sequence[np.ndarray], offsets: Sequence[np.ndarray]) -> list[PooledResult]:
+        # Plain Python over the per-table sizes: a numpy call costs a microsecond or more whatever its size,
+        # and this runs once per table per query.
+        key_counts = [k.size for k in keys]
+        bags = [o.size - 1 for o in offsets]
+        key_starts = list(accumulate(key_counts, initial=0))
+        offset_starts = list(accumulate((b + 1 for b in bags), initial=0))
+        out_starts = list(accumulate((b * d for b, d in zip(bags, self.dims, strict=True)), initial=0))
+        out = np.zeros(out_starts[-1], dtype=np.float32)
+        found = np.empty(key_starts[-1], dtype=np.bool_)
+        missing = np.empty(len(key_counts), dtype=np.int64)
+        hm.pooled_lookup_tables_kernel(
+            self.clocks, self.parts, self.slots, self.recs, self.values, self.geometry, np.concatenate(keys),
+            np.array(key_starts, dtype=np.int64), np.concatenate(offsets), np.array(offset_starts, dtype=np.int64),
+            out, np.array(out_starts, dtype=np.int64), found, missing,
+        )
+        return [
+            PooledResult(out[out_starts[t] : out_starts[t + 1]].reshape(bags[t], dim),
+                         np.flatnonzero(~found[key_starts[t] : key_starts[t + 1]]) if lost else _NO_POSITIONS,
+                         key_counts[t] - lost)
+            for t, (dim, lost) in enumerate(zip(self.dims, missing.tolist(), strict=True))
+        ]

@@ -16,7 +16,7 @@ def as_keys(keys: object, table: str) -> np.ndarray:
     anything else are refused: a float key is almost always a bug upstream (a dense feature in the sparse
     slot), and silently truncating it would return the wrong row.
     """
-    if _is_flat_int64(keys):  # the usual case, first: the general checks below cost ~5 us a call
+    if is_flat_int64(keys):  # the usual case, first: the general checks below cost ~5 us a call
         return keys
     if isinstance(keys, torch.Tensor):
         keys = keys.detach().cpu().numpy()
@@ -35,7 +35,7 @@ def as_keys(keys: object, table: str) -> np.ndarray:
     return np.ascontiguousarray(keys, dtype=np.int64)
 
 
-def _is_flat_int64(array: object) -> bool:
+def is_flat_int64(array: object) -> bool:
     return type(array) is np.ndarray and array.dtype == np.int64 and array.ndim == 1 and array.flags.c_contiguous
 
 

@@ -8,16 +8,20 @@ import torch.nn.functional as F
 from numba import njit
 
 from recserve.errors import InvalidInputError
+from recserve.ps.keys import is_flat_int64
 
 
 def as_offsets(offsets: object, num_keys: int, table: str) -> np.ndarray:
     """Bag offsets as a contiguous int64 array: 0 first, num_keys last, never decreasing."""
-    array = np.asarray(offsets.numpy() if isinstance(offsets, torch.Tensor) else offsets)
-    if array.dtype.kind not in "iu" or array.ndim != 1 or array.size == 0:
-        raise InvalidInputError(
-            f"table '{table}': offsets must be a non-empty 1-D integer array, got {array.dtype} {array.shape}"
-        )
-    array = np.ascontiguousarray(array, dtype=np.int64)
+    if is_flat_int64(offsets) and offsets.size:  # type: ignore[attr-defined]  # the usual case: no conversions
+        array = offsets
+    else:
+        array = np.asarray(offsets.numpy() if isinstance(offsets, torch.Tensor) else offsets)
+        if array.dtype.kind not in "iu" or array.ndim != 1 or array.size == 0:
+            raise InvalidInputError(
+                f"table '{table}': offsets must be a non-empty 1-D integer array, got {array.dtype} {array.shape}"
+            )
+        array = np.ascontiguousarray(array, dtype=np.int64)
     if not _runs_up_to(array, num_keys):  # one compiled pass: numpy's checks cost more than a small lookup
         if array[0] != 0 or array[-1] != num_keys:
             raise InvalidInputError(
