@@ -44,13 +44,14 @@ def _check_sequence(batch: SparseBatch, table: TableSpec, owner: str) -> None:
 
 
 class PooledEmbedding(nn.Module):
-    """PS-backed embedding: one pooled lookup per table (`HierarchicalPS.lookup_pooled`); sequence tables
-    deduplicate their keys, look each up once and expand."""
+    """PS-backed embedding: one pooled lookup of all its tables (`HierarchicalPS.lookup_pooled_tables`);
+    sequence tables deduplicate their keys, look each up once and expand."""
 
     def __init__(self, ps: HierarchicalPS, tables: Sequence[TableSpec], mode: PoolingMode = "sum",
                  owner: str = "model") -> None:
         super().__init__()
         self.ps, self.specs, self.mode, self.owner = ps, tuple(tables), mode, owner
+        self._pooled_names = [t.name for t in self.specs if t.pooled]
 
     def _unique_rows(self, table: str, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         unique, inverse = unique_inverse(np.ascontiguousarray(keys.cpu().numpy()))
@@ -59,14 +60,12 @@ class PooledEmbedding(nn.Module):
 
     def forward(self, batch: SparseBatch) -> dict[str, torch.Tensor]:
         _require(batch, self.specs, self.owner)
-        pooled = {}
-        for spec in self.specs:
-            if not spec.pooled:
-                continue
-            pooled[spec.name] = torch.from_numpy(self.ps.lookup_pooled(
-                spec.name, batch.keys[spec.name].cpu().numpy(), batch.offsets[spec.name].cpu().numpy(), self.mode
-            ))
-        return pooled
+        names = self._pooled_names
+        rows = self.ps.lookup_pooled_tables(  # every table in one call: see HierarchicalPS.lookup_pooled_tables
+            names, [batch.keys[t].cpu().numpy() for t in names], [batch.offsets[t].cpu().numpy() for t in names],
+            self.mode,
+        )
+        return {name: torch.from_numpy(pooled) for name, pooled in zip(names, rows, strict=True)}
 
     def sequence(self, batch: SparseBatch, table: TableSpec) -> torch.Tensor:
         _check_sequence(batch, table, self.owner)
