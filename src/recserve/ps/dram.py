@@ -181,21 +181,23 @@ class DramTable:
         )
         return LookupResult(rows=self._to_float32(out), found=found)
 
-    def pools_in_one_pass(self, num_keys: int) -> bool:
-        """Whether a pooled lookup of num_keys keys runs the fused kernel (look up and sum as it goes)."""
+    @property
+    def max_fused_keys(self) -> int:
+        """The most keys a pooled lookup runs the fused kernel for (look up and sum as it goes); -1: none."""
         h = self.handle
         # Reading a repeated key again is cheap while its row is in cache, and skipping the deduplication then
         # wins (RMC1 `full`, 20k keys of a query into 4M-row tables: 1.2x; one item's 80 keys: 2x). A batch
         # large next to its table repeats most keys, and reading each once wins by far (RMC1 `tiny`, 1,000-row
         # tables, 20k keys: 3x); so does a batch whose rows no longer stay in cache (80k keys into 4M rows in
         # shared memory: 1.4x). The fused kernel also adds float32 rows only.
-        return (h.dtype == "float32" and num_keys <= FUSED_MAX_KEYS
-                and num_keys * DEDUPE_ABOVE_SHARE <= h.capacity * h.num_partitions)
+        if h.dtype != "float32":
+            return -1
+        return min(FUSED_MAX_KEYS, h.capacity * h.num_partitions // DEDUPE_ABOVE_SHARE)
 
     def lookup_pooled(self, keys: np.ndarray, offsets: np.ndarray) -> PooledResult:
         """The found rows of each bag keys[offsets[b]:offsets[b + 1]], summed; where the missing keys are."""
         h = self.handle
-        if not self.pools_in_one_pass(keys.size):
+        if keys.size > self.max_fused_keys:
             unique, inverse = unique_inverse(keys)
             result = self.lookup(unique)
             hits = int(np.count_nonzero(result.found))
@@ -348,13 +350,11 @@ class DramTier:
     def __init__(self, tables: dict[str, DramTable]) -> None:
         self._tables = tables
         self._groups: dict[tuple[str, ...], _TableGroup] = {}  # tables pooled in one call, by their names
-        # the most keys of a table that go into such a call: a batch for the fused kernel (see pools_in_one_pass)
-        # too small for its parallel version
+        # the most keys of a table that go into such a call: a batch for the fused kernel too small for its
+        # parallel version
         self._one_call_limits = {
             name: limit for name, table in tables.items()
-            if (limit := min(hm.PARALLEL_MIN_KEYS - 1, FUSED_MAX_KEYS,
-                             table.handle.capacity * table.handle.num_partitions // DEDUPE_ABOVE_SHARE)) > 0
-            and table.handle.dtype == "float32"
+            if (limit := min(hm.PARALLEL_MIN_KEYS - 1, table.max_fused_keys)) > 0
         }
 
     @classmethod
@@ -397,11 +397,10 @@ class DramTier:
                              offsets: Sequence[np.ndarray]) -> list[PooledResult]:
         """`lookup_pooled` of each table in turn, with the small batches of the fused kernel all in one call."""
         limits = self._one_call_limits
-        if len(tables) > 1 and all(name in limits and k.size <= limits[name]
-                                   for name, k in zip(tables, keys, strict=True)):
-            return self._group(tuple(tables)).lookup(keys, offsets)
         together = [i for i, (name, k) in enumerate(zip(tables, keys, strict=True))
                     if name in limits and k.size <= limits[name]]
+        if len(together) == len(tables) > 1:  # the usual case: a model's small query
+            return self._group(tuple(tables)).lookup(keys, offsets)
         results: list[PooledResult | None] = [None] * len(tables)
         if len(together) > 1:
             group = self._group(tuple(tables[i] for i in together))
@@ -462,11 +461,11 @@ class _TableGroup:
         self.slots = typed.List([t.slots for t in tables])
         self.recs = typed.List([t.rec for t in tables])
         self.values = typed.List([t.values for t in tables])
-        self.dims = [t.handle.dim for t in tables]
         self.geometry = np.array([
             (t.handle.num_slots, t.handle.words, t._offset, t.handle.policy == hm.POLICY_LFU, t.handle.dim)
             for t in tables
         ], dtype=np.int64)
+        self.dims = self.geometry[:, 4].tolist()  # as Python ints: the per-query arithmetic stays in Python
 
     def lookup(self, keys: Sequence[np.ndarray], offsets: Sequence[np.ndarray]) -> list[PooledResult]:
         # Plain Python over the per-table sizes: a numpy call costs a microsecond or more whatever its size,
