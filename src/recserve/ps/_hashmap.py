@@ -173,80 +173,101 @@ def read_row(part, slots, rec, values, num_slots, words, offset, key, r, out_row
 
 
 @njit(inline="always", cache=True)
-def lookup_range(clock_now, part, slots, rec, values, keys, out, found, where, lo, hi, num_slots, words, offset,
-                 track_count):
-    """Look up keys[lo:hi], LOOKUP_BLOCK keys at a time, each block in phases (see `lookup_kernel`)."""
+def find_records(part, slots, rec, keys, lo, hi, where, home, num_slots, words):
+    """The first two phases of a lookup, over keys[lo:hi] (at most LOOKUP_BLOCK keys): where[j - lo] = the record
+    of keys[j], or -1; every found record prefetched (see `lookup_kernel`)."""
     num_partitions = part.shape[0]
+    # Unsigned indices in the hot loops: numba then skips its negative-index wraparound, a compare and a
+    # select on every access.
+    for j in range(lo, hi):
+        e = home_entry(keys[np.uint64(j)], num_partitions, num_slots)
+        home[np.uint64(j - lo)] = e
+        prefetch(slots, 2 * e)
+    away = 0
+    for j in range(lo, hi):
+        # Nearly every key sits in its home line (the index is at most half full): all four slots are
+        # compared without a branch, so the core never waits on this line's arrival to guess where to go
+        # next. The few others take the full probe below.
+        line = np.uint64(2 * home[np.uint64(j - lo)])  # the word of the line's first slot
+        key = keys[np.uint64(j)]
+        r = NOT_AT_HOME
+        for w in range(SLOTS_PER_LINE):
+            held = slots[line + np.uint64(2 * w + 1)]
+            r = held if (slots[line + np.uint64(2 * w)] == key) & (held >= 0) else r
+        where[np.uint64(j - lo)] = r
+        away += r == NOT_AT_HOME
+        prefetch_record(rec, max(r, 0), words)
+    if away:
+        for j in range(lo, hi):
+            if where[j - lo] == NOT_AT_HOME:
+                where[j - lo] = locate(part, slots, num_slots, keys[j])
+                prefetch_record(rec, max(where[j - lo], 0), words)
+
+
+@njit(inline="always", cache=True)
+def mark_used(rec, where, lo, hi, words, clock_now, track_count, stamp_once):
+    """Each hit's recency (and use count), in a loop of its own while the block's records are in cache: stored
+    inside the copy loop, into the memory it reads, it cost ~70 instructions a key (the compiler must then
+    assume every array read may have changed) and made lookups 1.2-1.7x slower; stored after the whole
+    chunk, it missed the cache again. A time can land on a record that was just reused for another key: it
+    only orders evictions, and never touches a row.
+
+    With stamp_once (the parallel kernels, when they run on more than one thread), a record takes one time per call,
+    at its first use in it (calls' clocks never overlap): a hot row that the call's threads all read is then
+    not written at every use, which bounced its cache line between their cores. Pooled Zipf(1.05) lookups on
+    two threads, 4M x 32: 1.09-1.29x the keys/s; on one thread the extra read and branch cost 1-8%."""
+    for j in range(lo, hi):
+        r = where[np.uint64(j - lo)]
+        if r >= 0:
+            if not stamp_once or rec[np.uint64(r * words + R_TIME)] < clock_now:
+                rec[np.uint64(r * words + R_TIME)] = clock_now + j
+            if track_count:
+                rec[np.uint64(r * words + R_COUNT)] += 1
+
+
+@njit(inline="always", cache=True)
+def lookup_range(clock_now, part, slots, rec, values, keys, out, found, lo, hi, num_slots, words, offset,
+                 track_count, stamp_once):
+    """Look up keys[lo:hi], LOOKUP_BLOCK keys at a time, each block in phases (see `lookup_kernel`)."""
     home = np.empty(LOOKUP_BLOCK, dtype=np.int64)
+    where = np.empty(LOOKUP_BLOCK, dtype=np.int64)
     for b0 in range(lo, hi, LOOKUP_BLOCK):
         b1 = min(hi, b0 + LOOKUP_BLOCK)
-        # Unsigned indices in the hot loops: numba then skips its negative-index wraparound, a compare and a
-        # select on every access.
-        for j in range(b0, b1):
-            e = home_entry(keys[np.uint64(j)], num_partitions, num_slots)
-            home[np.uint64(j - b0)] = e
-            prefetch(slots, 2 * e)
-        away = 0
-        for j in range(b0, b1):
-            # Nearly every key sits in its home line (the index is at most half full): all four slots are
-            # compared without a branch, so the core never waits on this line's arrival to guess where to go
-            # next. The few others take the full probe below.
-            line = np.uint64(2 * home[np.uint64(j - b0)])  # the word of the line's first slot
-            key = keys[np.uint64(j)]
-            r = NOT_AT_HOME
-            for w in range(SLOTS_PER_LINE):
-                held = slots[line + np.uint64(2 * w + 1)]
-                r = held if (slots[line + np.uint64(2 * w)] == key) & (held >= 0) else r
-            where[np.uint64(j)] = r
-            away += r == NOT_AT_HOME
-            prefetch_record(rec, max(r, 0), words)
-        if away:
-            for j in range(b0, b1):
-                if where[j] == NOT_AT_HOME:
-                    where[j] = locate(part, slots, num_slots, keys[j])
-                    prefetch_record(rec, max(where[j], 0), words)
+        find_records(part, slots, rec, keys, b0, b1, where, home, num_slots, words)
         changed = 0
         for j in range(b0, b1):
             i = np.uint64(j)
-            r = where[i]
+            r = where[np.uint64(j - b0)]
             found[i] = r >= 0 and copy_record(rec, values, r, words, offset, keys[i], out[i])
             changed += r >= 0 and not found[i]
         if changed:  # a writer moved or rewrote the record meanwhile: find the key again, out of the hot loop
             for j in range(b0, b1):
-                if where[j] >= 0 and not found[j]:
-                    where[j] = read_row(part, slots, rec, values, num_slots, words, offset, keys[j], where[j], out[j])
-                    found[j] = where[j] >= 0
-        # Each hit's recency (and use count) in a loop of its own, while the block's records are in cache: stored
-        # inside the copy loop, into the memory it reads, it cost ~70 instructions a key (the compiler must then
-        # assume every array read may have changed) and made lookups 1.2-1.7x slower; stored after the whole
-        # chunk, it missed the cache again. A time can land on a record that was just reused for another key:
-        # it only orders evictions, and never touches a row.
-        for j in range(b0, b1):
-            r = where[np.uint64(j)]
-            if r >= 0:
-                rec[np.uint64(r * words + R_TIME)] = clock_now + j
-                if track_count:
-                    rec[np.uint64(r * words + R_COUNT)] += 1
+                if where[j - b0] >= 0 and not found[j]:
+                    where[j - b0] = read_row(part, slots, rec, values, num_slots, words, offset, keys[j],
+                                             where[j - b0], out[j])
+                    found[j] = where[j - b0] >= 0
+        mark_used(rec, where, b0, b1, words, clock_now, track_count, stamp_once)
 
 
 @njit(parallel=True, nogil=True, cache=True)
-def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
-    """out[i] = row of keys[i] where found[i]; marks each hit as just used.
+def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count,
+                  stamp_once):
+    """out[i] = row of keys[i] where found[i]; marks each hit as just used (stamp_once: see `mark_used`; pass
+    it when the kernel runs on more than one thread).
 
     Each key costs two dependent cache misses (index slot, then record) where a gather by known row index
     costs one. Keys go through them a block at a time, each phase over the whole block: fetch every home line,
     then find every key among its line's four slots (the few elsewhere take the probe) and fetch its record,
-    then copy every row. The misses of a phase are independent, so the core keeps a block's worth in flight;
-    and the loops stay short and branch-light. 1.3-1.7x the keys/s of a software pipeline that interleaved the
-    three steps of different keys in one loop (README, phased lookups in home lines).
-    """
+    then copy every row, then mark each as used. The misses of a phase are independent, so the core keeps a
+    block's worth in flight; and the loops stay short and branch-light. 1.3-1.7x the keys/s of a software
+    pipeline that interleaved the three steps of different keys in one loop (README, phased lookups in home
+    lines)."""
     n = keys.size
     now = fetch_add(clock, CLOCK_ACCESS, n)
-    where = np.empty(n, dtype=np.int64)
     for chunk in prange((n + CHUNK - 1) // CHUNK):
         lo = chunk * CHUNK
-        lookup_range(now, part, slots, rec, values, keys, out, found, where, lo, min(n, lo + CHUNK),
-                     num_slots, words, offset, track_count)
+        lookup_range(now, part, slots, rec, values, keys, out, found, lo, min(n, lo + CHUNK), num_slots, words,
+                     offset, track_count, stamp_once)
 
 
 # Waking the thread pool costs tens of microseconds: small batches (one item's keys) run on the caller's thread.
@@ -255,40 +276,80 @@ PARALLEL_MIN_KEYS = 4096
 
 @njit(nogil=True, cache=True)
 def lookup_kernel_serial(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count):
-    n = keys.size
-    now = fetch_add(clock, CLOCK_ACCESS, n)
-    where = np.empty(n, dtype=np.int64)
-    lookup_range(now, part, slots, rec, values, keys, out, found, where, 0, n, num_slots, words, offset,
-                 track_count)
+    now = fetch_add(clock, CLOCK_ACCESS, keys.size)
+    lookup_range(now, part, slots, rec, values, keys, out, found, 0, keys.size, num_slots, words, offset,
+                 track_count, False)
 
 
-POOL_BLOCK = 1024  # keys looked up into a scratch block before it is added into bags: the block stays in L2
+@njit(inline="always", cache=True)
+def add_record(rec, values, r, words, offset, key, out, b):
+    """out[b] += record r's row, between the seqlock's two reads; False if r did not hold key or a writer was in
+    it (the sum may then hold part of a row)."""
+    head = r * words
+    version = load_acquire(rec, head + R_VERSION)
+    if version & (V_WRITING | V_LIVE) != V_LIVE:
+        return False
+    owner = rec[np.uint64(head + R_KEY)]
+    row, bag = np.uint64(r), np.uint64(b)
+    for c in range(out.shape[1]):
+        out[bag, np.uint64(c)] += values[row, np.uint64(offset + c)]
+    acquire_fence()
+    return load_acquire(rec, head + R_VERSION) == version and owner == key
+
+
+@njit(cache=True)
+def sum_bag_again(part, slots, rec, values, keys, offsets, out, found, b, num_slots, words, offset):
+    """out[b] summed anew from seqlock-checked copies of its rows (after an add that a writer may have torn);
+    returns how many of its keys were not found."""
+    out[b, :] = 0
+    row = np.empty(out.shape[1], dtype=values.dtype)
+    missing = 0
+    for j in range(offsets[b], offsets[b + 1]):
+        found[j] = read_row(part, slots, rec, values, num_slots, words, offset, keys[j],
+                            locate(part, slots, num_slots, keys[j]), row) >= 0
+        if found[j]:
+            out[b, :] += row
+        missing += not found[j]
+    return missing
 
 
 @njit(inline="always", cache=True)
 def pool_bags(clock_now, part, slots, rec, values, keys, offsets, out, found, b0, b1, num_slots, words, offset,
-              track_count):
-    """out[b] += the row of every key of bags b0..b1 that is found, in blocks of POOL_BLOCK keys; returns how
-    many were not found."""
-    lo, hi = offsets[b0], offsets[b1]
-    dim = out.shape[1]
-    block = np.empty((min(POOL_BLOCK, hi - lo), dim), dtype=values.dtype)  # a row's values, not its record
-    where = np.empty(block.shape[0], dtype=np.int64)
+              track_count, stamp_once):
+    """out[b] += the row of every key of bags b0..b1 that is found; returns how many were not found.
+
+    Each row is added into its bag straight from its record, between the seqlock's two reads: copying rows
+    into a scratch block first and adding them from there took 1.09-1.14x the time on one thread (Zipf keys
+    into 4M x 32, README: rows added straight into their bags).
+    An add that fails its check may have put part of a row into the bag, so that bag is summed again from
+    checked copies once the rest is done; that needs a writer inside the record at that very moment.
+    """
+    home = np.empty(LOOKUP_BLOCK, dtype=np.int64)
+    where = np.empty(LOOKUP_BLOCK, dtype=np.int64)
+    torn = np.zeros(0, dtype=np.bool_)  # per bag, allocated at the first failed add
     b = b0
     missing = 0
-    for start in range(lo, hi, POOL_BLOCK):
-        stop = min(hi, start + POOL_BLOCK)
-        hits = found[start:stop]
-        lookup_range(clock_now + start, part, slots, rec, values, keys[start:stop], block, hits, where,
-                     0, stop - start, num_slots, words, offset, track_count)
-        for k in range(start, stop):
-            while offsets[b + 1] <= k:
+    for k0 in range(offsets[b0], offsets[b1], LOOKUP_BLOCK):
+        k1 = min(offsets[b1], k0 + LOOKUP_BLOCK)
+        find_records(part, slots, rec, keys, k0, k1, where, home, num_slots, words)
+        for j in range(k0, k1):
+            while offsets[b + 1] <= j:
                 b += 1
-            if hits[np.uint64(k - start)]:
-                for c in range(dim):
-                    out[np.uint64(b), np.uint64(c)] += block[np.uint64(k - start), np.uint64(c)]
-            else:
-                missing += 1
+            r = where[np.uint64(j - k0)]
+            added = r >= 0 and add_record(rec, values, r, words, offset, keys[np.uint64(j)], out, b)
+            found[np.uint64(j)] = added
+            missing += not added
+            if r >= 0 and not added:
+                if torn.size == 0:
+                    torn = np.zeros(b1 - b0, dtype=np.bool_)
+                torn[b - b0] = True
+        mark_used(rec, where, k0, k1, words, clock_now, track_count, stamp_once)
+    for t in range(torn.size):
+        if torn[t]:
+            bag = b0 + t
+            missing -= offsets[bag + 1] - offsets[bag] - np.count_nonzero(found[offsets[bag] : offsets[bag + 1]])
+            missing += sum_bag_again(part, slots, rec, values, keys, offsets, out, found, bag, num_slots, words,
+                                     offset)
     return missing
 
 
@@ -305,9 +366,9 @@ def bag_tasks(offsets, keys_per_task):
 
 @njit(parallel=True, nogil=True, cache=True)
 def pooled_lookup_kernel(clock, part, slots, rec, values, keys, offsets, out, found, num_slots, words, offset,
-                         track_count):
+                         track_count, stamp_once):
     """out[b] = sum of the rows of keys[offsets[b]:offsets[b + 1]] that are found; found[i] per key; returns
-    how many keys were not found.
+    how many keys were not found (stamp_once: as for `lookup_kernel`).
 
     The lookup and the pooling in one pass, without deduplicating first: a repeated key's slot and row are
     still in cache, so reading it again costs less than hashing every key into a unique set, materialising
@@ -318,7 +379,7 @@ def pooled_lookup_kernel(clock, part, slots, rec, values, keys, offsets, out, fo
     missing = 0
     for t in prange(tasks.size - 1):
         missing += pool_bags(now, part, slots, rec, values, keys, offsets, out, found, tasks[t], tasks[t + 1],
-                             num_slots, words, offset, track_count)
+                             num_slots, words, offset, track_count, stamp_once)
     return missing
 
 
@@ -327,7 +388,7 @@ def pooled_lookup_kernel_serial(clock, part, slots, rec, values, keys, offsets, 
                                 offset, track_count):
     now = fetch_add(clock, CLOCK_ACCESS, keys.size)
     return pool_bags(now, part, slots, rec, values, keys, offsets, out, found, 0, offsets.size - 1, num_slots,
-                     words, offset, track_count)
+                     words, offset, track_count, False)
 
 
 @njit(nogil=True, cache=True)
@@ -347,7 +408,7 @@ def pooled_lookup_tables_kernel(clocks, parts, slots, recs, values, geometry, ke
         now = fetch_add(clocks[t], CLOCK_ACCESS, k1 - k0)
         missing[t] = pool_bags(now, parts[t], slots[t], recs[t], values[t], keys[k0:k1], offsets[o0:o1], pooled,
                                found[k0:k1], 0, bags, geometry[t, 0], geometry[t, 1], geometry[t, 2],
-                               geometry[t, 3] != 0)
+                               geometry[t, 3] != 0, False)
 
 
 @njit(inline="always", cache=True)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
+import numba
 import numpy as np
 from numba import typed
 
@@ -174,11 +175,12 @@ class DramTable:
         h = self.handle
         out = np.empty((keys.size, h.dim), dtype=self._storage)
         found = np.empty(keys.size, dtype=np.bool_)
-        kernel = hm.lookup_kernel if keys.size >= hm.PARALLEL_MIN_KEYS else hm.lookup_kernel_serial
-        kernel(
-            self.clock, self.part, self.slots, self.rec, self.values, keys, out, found,
-            h.num_slots, h.words, self._offset, h.policy == hm.POLICY_LFU,
-        )
+        args = (self.clock, self.part, self.slots, self.rec, self.values, keys, out, found, h.num_slots, h.words,
+                self._offset, h.policy == hm.POLICY_LFU)
+        if keys.size >= hm.PARALLEL_MIN_KEYS:
+            hm.lookup_kernel(*args, numba.get_num_threads() > 1)
+        else:
+            hm.lookup_kernel_serial(*args)
         return LookupResult(rows=self._to_float32(out), found=found)
 
     @property
@@ -210,11 +212,12 @@ class DramTable:
             return PooledResult(pooled=pooled, missing=np.flatnonzero(~found), hits=hits)
         pooled = np.zeros((offsets.size - 1, h.dim), dtype=np.float32)
         found = np.empty(keys.size, dtype=np.bool_)
-        kernel = hm.pooled_lookup_kernel if keys.size >= hm.PARALLEL_MIN_KEYS else hm.pooled_lookup_kernel_serial
-        num_missing = kernel(
-            self.clock, self.part, self.slots, self.rec, self.values, keys, offsets, pooled, found,
-            h.num_slots, h.words, self._offset, h.policy == hm.POLICY_LFU,
-        )
+        args = (self.clock, self.part, self.slots, self.rec, self.values, keys, offsets, pooled, found,
+                h.num_slots, h.words, self._offset, h.policy == hm.POLICY_LFU)
+        if keys.size >= hm.PARALLEL_MIN_KEYS:
+            num_missing = hm.pooled_lookup_kernel(*args, numba.get_num_threads() > 1)
+        else:
+            num_missing = hm.pooled_lookup_kernel_serial(*args)
         missing = np.flatnonzero(~found) if num_missing else _NO_POSITIONS  # finding none costs ~8 us a call
         return PooledResult(pooled=pooled, missing=missing, hits=keys.size - num_missing)
 
