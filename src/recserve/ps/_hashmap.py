@@ -212,7 +212,7 @@ def mark_used(rec, where, lo, hi, words, clock_now, track_count, stamp_once):
     chunk, it missed the cache again. A time can land on a record that was just reused for another key: it
     only orders evictions, and never touches a row.
 
-    With stamp_once (the parallel kernels, when they run on more than one thread), a record takes one time per call,
+    With stamp_once (the parallel kernels, when more than one thread runs them), a record takes one time per call,
     at its first use in it (calls' clocks never overlap): a hot row that the call's threads all read is then
     not written at every use, which bounced its cache line between their cores. Pooled Zipf(1.05) lookups on
     two threads, 4M x 32: 1.09-1.29x the keys/s; on one thread the extra read and branch cost 1-8%."""
@@ -249,11 +249,20 @@ def lookup_range(clock_now, part, slots, rec, values, keys, out, found, lo, hi, 
         mark_used(rec, where, b0, b1, words, clock_now, track_count, stamp_once)
 
 
+@njit(inline="always", cache=True)
+def task_keys(n, threads):
+    """Keys per task of a parallel kernel: about CHUNK, in a number of tasks that the threads divide evenly.
+    numba's OpenMP layer gives each thread an equal run of a prange's iterations, so 5 tasks (20k keys) on two
+    threads took as long as 6."""
+    per_thread = max(1, round(n / (threads * CHUNK)))
+    return max(1, -(-n // (threads * per_thread)))
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, words, offset, track_count,
-                  stamp_once):
-    """out[i] = row of keys[i] where found[i]; marks each hit as just used (stamp_once: see `mark_used`; pass
-    it when the kernel runs on more than one thread).
+                  threads):
+    """out[i] = row of keys[i] where found[i]; marks each hit as just used. `threads`: how many threads numba
+    runs it on (numba.get_num_threads(): the kernel cannot ask, and stay cached).
 
     Each key costs two dependent cache misses (index slot, then record) where a gather by known row index
     costs one. Keys go through them a block at a time, each phase over the whole block: fetch every home line,
@@ -264,10 +273,11 @@ def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, 
     lines)."""
     n = keys.size
     now = fetch_add(clock, CLOCK_ACCESS, n)
-    for chunk in prange((n + CHUNK - 1) // CHUNK):
-        lo = chunk * CHUNK
-        lookup_range(now, part, slots, rec, values, keys, out, found, lo, min(n, lo + CHUNK), num_slots, words,
-                     offset, track_count, stamp_once)
+    size = task_keys(n, threads)
+    for task in prange((n + size - 1) // size):
+        lo = task * size
+        lookup_range(now, part, slots, rec, values, keys, out, found, lo, min(n, lo + size), num_slots, words,
+                     offset, track_count, threads > 1)
 
 
 # Waking the thread pool costs tens of microseconds: small batches (one item's keys) run on the caller's thread.
@@ -366,20 +376,20 @@ def bag_tasks(offsets, keys_per_task):
 
 @njit(parallel=True, nogil=True, cache=True)
 def pooled_lookup_kernel(clock, part, slots, rec, values, keys, offsets, out, found, num_slots, words, offset,
-                         track_count, stamp_once):
+                         track_count, threads):
     """out[b] = sum of the rows of keys[offsets[b]:offsets[b + 1]] that are found; found[i] per key; returns
-    how many keys were not found (stamp_once: as for `lookup_kernel`).
+    how many keys were not found (`threads` as for `lookup_kernel`).
 
     The lookup and the pooling in one pass, without deduplicating first: a repeated key's slot and row are
     still in cache, so reading it again costs less than hashing every key into a unique set, materialising
     one row per key and pooling those. Runs of whole bags go to threads, so no two threads add into one bag.
     """
     now = fetch_add(clock, CLOCK_ACCESS, keys.size)
-    tasks = bag_tasks(offsets, CHUNK)
+    tasks = bag_tasks(offsets, task_keys(keys.size, threads))
     missing = 0
     for t in prange(tasks.size - 1):
         missing += pool_bags(now, part, slots, rec, values, keys, offsets, out, found, tasks[t], tasks[t + 1],
-                             num_slots, words, offset, track_count, stamp_once)
+                             num_slots, words, offset, track_count, threads > 1)
     return missing
 
 

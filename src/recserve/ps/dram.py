@@ -178,7 +178,7 @@ class DramTable:
         args = (self.clock, self.part, self.slots, self.rec, self.values, keys, out, found, h.num_slots, h.words,
                 self._offset, h.policy == hm.POLICY_LFU)
         if keys.size >= hm.PARALLEL_MIN_KEYS:
-            hm.lookup_kernel(*args, numba.get_num_threads() > 1)
+            hm.lookup_kernel(*args, numba.get_num_threads())
         else:
             hm.lookup_kernel_serial(*args)
         return LookupResult(rows=self._to_float32(out), found=found)
@@ -215,7 +215,7 @@ class DramTable:
         args = (self.clock, self.part, self.slots, self.rec, self.values, keys, offsets, pooled, found,
                 h.num_slots, h.words, self._offset, h.policy == hm.POLICY_LFU)
         if keys.size >= hm.PARALLEL_MIN_KEYS:
-            num_missing = hm.pooled_lookup_kernel(*args, numba.get_num_threads() > 1)
+            num_missing = hm.pooled_lookup_kernel(*args, numba.get_num_threads())
         else:
             num_missing = hm.pooled_lookup_kernel_serial(*args)
         missing = np.flatnonzero(~found) if num_missing else _NO_POSITIONS  # finding none costs ~8 us a call
