@@ -241,15 +241,14 @@ class HierarchicalPS:
         """`_pool_in_first_tier` of each table, those with the same first tier in one call to it; each is
         charged its share of that call's time, by keys."""
         results: list[tuple[PooledResult, float] | None] = [None] * len(tables)
-        by_tier: dict[int, list[int]] = {}
+        by_tier: dict[int, tuple[PoolingTier, list[int]]] = {}
         for i, table in enumerate(tables):
-            if self._pooling_tier_of[table] is None:
+            tier = self._pooling_tier_of[table]
+            if tier is None:
                 results[i] = self._pool_in_first_tier(table, keys[i], offsets[i])
             else:
-                by_tier.setdefault(id(self._pooling_tier_of[table]), []).append(i)
-        for members in by_tier.values():
-            tier = self._pooling_tier_of[tables[members[0]]]
-            assert tier is not None
+                by_tier.setdefault(id(tier), (tier, []))[1].append(i)
+        for tier, members in by_tier.values():
             started = time.perf_counter()
             pooled = tier.lookup_pooled_tables([tables[i] for i in members], [keys[i] for i in members],
                                                [offsets[i] for i in members])
