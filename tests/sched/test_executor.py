@@ -217,6 +217,20 @@ def test_a_caller_that_waits_anyway_runs_its_query_on_an_idle_worker(rmc1: Serve
     assert executor.queue_state() == (0, 0)
 
 
+def test_back_to_back_small_queries_each_find_the_worker_idle(rmc1: ServedModel) -> None:
+    """A lent worker is parked again as it is handed back, its driver left asleep: the caller's next query runs
+    on it too, instead of waiting for the driver to wake and park it (it was lent to about half of them)."""
+    executor = rmc1.executor
+    query = QueryGenerator(rmc1.signature.spec, seed=17).query(2)
+    parked_worker(executor)
+    ran_here = 0
+    for _ in range(40):
+        future = executor.submit(*_args(query), run_here=True)
+        ran_here += future.done()
+        future.result(60)
+    assert ran_here >= 36  # the driver's idle wake-up (every IDLE_POLL_S) may still take the worker briefly
+
+
 def test_lent_and_queued_queries_mix_without_loss(rmc1: ServedModel) -> None:
     """Threads that run queries on idle workers and queries that wait for a driver, at once: every one is
     answered right, and the workers go back to their drivers."""

@@ -112,6 +112,7 @@ class WorkerHandle:
         self.parked = False  # its driver waits for work: the worker may be lent to a submitting thread
         self.lent = False  # a submitting thread runs a query on it (`Executor._run_here`): its driver stands aside
         self.broken = False  # it died while lent: its driver replaces it
+        self.awaiting_return = False  # its driver woke while it was lent and waits for it to be handed back
         self.counts: dict[str, LookupCounts] = {}
         self.counts_stale = False
         self._mailbox = Mailbox(shm_dir)
@@ -306,11 +307,22 @@ class Executor:
             log.exception("%s: running a query on a lent worker", self.name)
             self._fail(query, ServerError(f"model '{self.name}': {type(error).__name__}: {error}"))
         finally:
-            with self._cond:
-                worker.lent, worker.broken = False, broken
-                self._handed_back.notify_all()
+            self._hand_back(worker, broken)
         if done is not None:
             self._finish(query, 0, done, worker.route, self._clock() - sent)
+
+    def _hand_back(self, worker: WorkerHandle, broken: bool) -> None:
+        """Return a lent worker to its driver. A driver that slept through the loan is left asleep and its
+        worker parked again, lendable at once: waking it at every small query put a thread switch and a wait
+        for the GIL in the query's path, and the next query found the worker unparked half the time."""
+        with self._cond:
+            worker.lent, worker.broken = False, broken
+            if worker.awaiting_return:
+                self._handed_back.notify_all()
+            elif broken or worker.retiring or self._heaps[worker.route]:  # its sleeping driver acts on it now
+                self._cond.notify_all()
+            else:
+                worker.parked = True
 
     def _answered(self, _future: concurrent.futures.Future) -> None:
         with self._cond:
@@ -442,7 +454,9 @@ class Executor:
             heap = self._heaps[worker.route]
             while True:
                 if worker.lent:  # its pipe is in a submitting thread's hand until it is handed back
+                    worker.awaiting_return = True
                     self._handed_back.wait()
+                    worker.awaiting_return = False
                     continue
                 if worker.broken:
                     return "broken"
