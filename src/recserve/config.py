@@ -233,6 +233,11 @@ class SchedulerConfig(StrictModel):
     latency_target_ms: float = Field(
         100.0, gt=0, description="A query's deadline after its arrival; one that cannot make it is refused at once."
     )
+    idle_spin_us: int = Field(
+        2000, ge=0, le=1_000_000, description="How long an idle worker polls for its next sub-batch, and a waiting "
+        "thread for a worker's answer, before sleeping (yielding its core meanwhile): a core woken from sleep runs "
+        "the next sub-batch several times slower. 0: sleep at once. Set when workers start, not live.",
+    )
 
 
 class OnlineTuningConfig(StrictModel):

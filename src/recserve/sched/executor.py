@@ -116,6 +116,7 @@ class WorkerHandle:
         self.counts: dict[str, LookupCounts] = {}
         self.counts_stale = False
         self._mailbox = Mailbox(shm_dir)
+        self._idle_spin_s = setup.idle_spin_s
         self._stop_lock, self._stopped = threading.Lock(), False
         self._tasks, child_tasks = context.Pipe()
         child_lookups = None
@@ -145,7 +146,7 @@ class WorkerHandle:
     def run(self, task_id: int, threads: int, arrays: dict[str, np.ndarray]) -> SubBatchDone:
         try:
             send(self._tasks, SubBatch(task_id, threads, self._mailbox.put(arrays)))
-            done: SubBatchDone = receive(self._tasks)
+            done: SubBatchDone = receive(self._tasks, self._idle_spin_s)
         except (EOFError, OSError) as error:
             raise ServerError(f"worker {self.process.name} died (exit code {self.process.exitcode}): "
                               f"{error or 'pipe closed'}") from None

@@ -177,7 +177,8 @@ def load_model(folder: Path) -> ServedModel:
         persistent = next((t for t in ps.tiers if isinstance(t, RocksTier)), None)
         setup = WorkerSetup(folder=folder, spec=spec, tables=list(ps.tables.values()),
                             dram=dram[0].handles() if dram else [],
-                            remote_tier=persistent.name if persistent else None)
+                            remote_tier=persistent.name if persistent else None,
+                            idle_spin_s=config.scheduler.idle_spin_us / 1e6)
         s = config.scheduler
         knobs = SchedulerKnobs(s.batch_size, s.num_workers, s.threads_per_worker, s.accelerator_threshold,
                                s.max_queue)
