@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import resource
 import threading
 import time
+from multiprocessing.connection import Connection
 
 from recserve.sched.worker import poll_before_sleep, receive, send
 
@@ -29,3 +32,19 @@ def test_polling_gives_up_after_its_spin_without_reading() -> None:
     assert not reader.poll()
     send(writer, "late")
     assert receive(reader, spin_s=1.0) == "late"
+
+
+def test_polling_takes_descriptors_past_the_select_limit() -> None:
+    """A server holding a thousand connections starts a replacement worker's pipe on a descriptor past 1,023,
+    which `select` refuses (`recserve serve` raises its descriptor limit, as here)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 2048:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    high = Connection(os.dup2(reader.fileno(), 1500))
+    try:
+        poll_before_sleep(high, spin_s=0.01)
+        send(writer, "past the limit")
+        assert receive(high, spin_s=1.0) == "past the limit"
+    finally:
+        high.close()

@@ -118,11 +118,13 @@ def poll_before_sleep(connection: Connection, spin_s: float) -> None:
     sub-batch several times slower on machines whose idle cores sleep (a VM's vCPU is descheduled, a bare core
     drops into a deep C-state): a 1-item RMC1 forward took 0.18 ms back to back and 1.0 ms after 8 ms idle here.
     OpenMP's and ONNX Runtime's thread pools spin before they sleep for the same reason. Yielding keeps the cost
-    low when another process wants the core: it runs, and the poller only looks in between. `select` on the
-    descriptor, not `Connection.poll`, which builds a selector at every call."""
-    descriptor = connection.fileno()
+    low when another process wants the core: it runs, and the poller only looks in between. `poll` on the
+    descriptor: `Connection.poll` builds a selector at every call, and `select` refuses descriptors past 1,023,
+    which a server holding a thousand connections hands out to a worker it starts then."""
+    poller = select.poll()
+    poller.register(connection.fileno(), select.POLLIN)
     until = time.monotonic() + spin_s
-    while not select.select([descriptor], [], [], 0)[0]:
+    while not poller.poll(0):
         if time.monotonic() >= until:
             return
         os.sched_yield()

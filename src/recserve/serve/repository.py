@@ -175,11 +175,10 @@ def load_model(folder: Path) -> ServedModel:
         import_tables(folder, spec, ps)
         dram = [t for t in ps.tiers if isinstance(t, DramTier)]
         persistent = next((t for t in ps.tiers if isinstance(t, RocksTier)), None)
+        s = config.scheduler
         setup = WorkerSetup(folder=folder, spec=spec, tables=list(ps.tables.values()),
                             dram=dram[0].handles() if dram else [],
-                            remote_tier=persistent.name if persistent else None,
-                            idle_spin_s=config.scheduler.idle_spin_us / 1e6)
-        s = config.scheduler
+                            remote_tier=persistent.name if persistent else None, idle_spin_s=s.idle_spin_us / 1e6)
         knobs = SchedulerKnobs(s.batch_size, s.num_workers, s.threads_per_worker, s.accelerator_threshold,
                                s.max_queue)
         executor = Executor(folder.name, setup, knobs, s.latency_target_ms / 1e3, persistent).start()
