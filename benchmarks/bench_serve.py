@@ -185,6 +185,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="k")
     parser.add_argument("--batch-size", type=int, default=256, help="B")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of in-process, gRPC, HTTP in turn")
+    parser.add_argument("--idle-spin-us", type=int, default=0,
+                        help="scheduler.idle_spin_us of the served model (0, the default: workers sleep at once)")
     args = parser.parse_args()
     num_queries = args.queries or (60 if args.quick else 400)
     retain_freed_memory()  # as `recserve serve` does; tritonclient's client here gains from it as much
@@ -193,7 +195,7 @@ def main() -> None:
         repo = Path(tmp)
         serving = {"scheduler": {"batch_size": args.batch_size, "num_workers": args.workers,
                                  "threads_per_worker": args.threads, "latency_target_ms": 60_000,
-                                 "max_queue": 1024}, "dram": {"num_partitions": 8}}
+                                 "max_queue": 1024, "idle_spin_us": args.idle_spin_us}, "dram": {"num_partitions": 8}}
         write_model_folder(repo / "rmc1", "rmc1", "tiny", seed=0, serving=serving)
         spec = checkpoint_spec(repo / "rmc1")
         generator = QueryGenerator(spec, seed=1)
@@ -261,7 +263,8 @@ def main() -> None:
         "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_1item": one_grpc, "http_1item": one_http,
         "rounds": {mode: [r["items_per_s"] for r in mode_runs] for mode, mode_runs in runs.items()},
         "config": {"items_per_query": ITEMS, "workers": args.workers, "threads_per_worker": args.threads,
-                   "batch_size": args.batch_size, "clients": args.clients, "cores": os.cpu_count()},
+                   "batch_size": args.batch_size, "clients": args.clients, "idle_spin_us": args.idle_spin_us,
+                   "cores": os.cpu_count()},
     }))
 
 
