@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import resource
 import threading
 import time
 from multiprocessing.connection import Connection
 
 from recserve.sched.worker import poll_before_sleep, receive, send
+from recserve.serve.app import raise_open_file_limit
 
 
 def test_polling_returns_when_a_message_arrives_and_leaves_it_to_be_read() -> None:
@@ -37,9 +37,7 @@ def test_polling_gives_up_after_its_spin_without_reading() -> None:
 def test_polling_takes_descriptors_past_the_select_limit() -> None:
     """A server holding a thousand connections starts a replacement worker's pipe on a descriptor past 1,023,
     which `select` refuses (`recserve serve` raises its descriptor limit, as here)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2048:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    raise_open_file_limit()
     reader, writer = multiprocessing.Pipe(duplex=False)
     high = Connection(os.dup2(reader.fileno(), 1500))
     try:

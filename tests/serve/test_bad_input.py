@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import resource
 import socket
 import struct
 import time
@@ -24,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 from recserve.loadgen.targets import triton_inputs
 from recserve.models.specs import model_spec
 from recserve.models.synthetic import QueryGenerator
+from recserve.serve.app import raise_open_file_limit
 from tests.conftest import reference_model, v2_inputs
 from tests.serve.conftest import MAX_BODY_MB, Server
 
@@ -236,9 +236,7 @@ def test_a_timeout_parameter_that_cannot_be_met_is_refused(good: tuple, http: tr
 
 def test_a_thousand_concurrent_connections(live_server: Server, good: tuple, http: triton_http.InferenceServerClient,
                                            then_good_request: None) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 2048:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    raise_open_file_limit()  # as the server does: every connection is a descriptor, here and there
     body = json.dumps(json_body(good[0])).encode()
     request = (f"POST {infer_path()} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body

@@ -41,7 +41,7 @@ class ServeOptions:
 
 
 def run(options: ServeOptions) -> None:
-    _raise_open_file_limit()
+    raise_open_file_limit()
     asyncio.run(serve(options))
 
 
@@ -79,7 +79,7 @@ async def serve(options: ServeOptions) -> None:
             await asyncio.to_thread(server.close)
 
 
-def _raise_open_file_limit() -> None:
+def raise_open_file_limit() -> None:
     """Every client connection is a file descriptor; the usual soft limit (1,024) is far below the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
