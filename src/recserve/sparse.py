@@ -75,7 +75,7 @@ class SparseBatch:
                 num_items = o.size - 1
             elif o.size - 1 != num_items:
                 raise InvalidInputError(f"{where}: has {o.size - 1} items, other tables have {num_items}")
-            keys[table], offsets[table] = _tensor(k), _tensor(o)
+            keys[table], offsets[table] = tensor_of(k), tensor_of(o)
         return cls(tables=tuple(features), keys=keys, offsets=offsets, num_items=int(num_items))
 
     @classmethod
@@ -160,9 +160,11 @@ def _spend_read_only_warning() -> None:
 _spend_read_only_warning()
 
 
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    # A request's keys arrive in read-only buffers (1.3 MB for a 256-item RMC1 query). A batch never writes its
-    # keys or offsets, so big ones are shared, not copied; small ones cost next to nothing to copy, and are.
+def tensor_of(array: np.ndarray) -> torch.Tensor:
+    """A tensor of a request's array, which the model only reads.
+
+    A request's arrays arrive in read-only buffers (1.3 MB of keys for a 256-item RMC1 query). Nothing writes
+    them, so big ones are shared, not copied; small ones cost next to nothing to copy, and are."""
     if not array.flags.aligned or (not array.flags.writeable and array.nbytes < SHARE_READ_ONLY_BYTES):
         array = array.copy()
     return torch.from_numpy(array)

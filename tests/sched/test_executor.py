@@ -20,7 +20,9 @@ from recserve.sched.executor import IDLE_POLL_S, ServerError
 from recserve.serve.repository import ServedModel, load_model, write_model_folder
 from tests.conftest import reference_model
 
-SERVING = {"scheduler": {"batch_size": 8, "num_workers": 1, "latency_target_ms": 60_000, "max_queue": 64},
+# queries run on the workers only here, lent ones too; tests/sched/test_inline.py covers the inline replica
+SERVING = {"scheduler": {"batch_size": 8, "num_workers": 1, "latency_target_ms": 60_000, "max_queue": 64,
+                         "inline_max_items": 0},
            "dram": {"num_partitions": 2}}
 
 

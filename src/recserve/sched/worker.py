@@ -30,7 +30,8 @@ from recserve.config import TableConfig
 from recserve.errors import InvalidInputError, RecserveError
 from recserve.models.specs import ModelSpec
 from recserve.ps.dram import DramTableHandle
-from recserve.ps.server import LookupCounts
+from recserve.ps.server import HierarchicalPS, LookupCounts
+from recserve.ps.tiers import Tier
 from recserve.sched.mailbox import Letter, MailboxReader
 from recserve.sparse import SparseBatch
 
@@ -134,13 +135,13 @@ def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | Non
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which then stops its workers
     retain_freed_memory()  # each sub-batch's activations are large allocations
-    _set_threads(1)
+    set_threads(1)
     try:
-        model, ps = _build_replica(setup, lookups)
+        model, ps = build_replica(setup, _worker_tiers(setup, lookups))
     except Exception as error:  # reported to the parent, which names it in its own error
         send(tasks, Ready(error=f"{type(error).__name__}: {error}"))
         return
-    _warm_up(model, setup)
+    warm_up(model, setup)
     ps.reset_counts()  # the warm-up's lookups are not traffic
     send(tasks, Ready())
     mailbox = MailboxReader()
@@ -156,10 +157,9 @@ def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | Non
             if isinstance(message, CountsRequest):
                 send(tasks, ps.counts())
                 continue
-            if torch.get_num_threads() != message.threads:
-                _set_threads(message.threads)
+            set_threads(message.threads)
             dense, sparse = unpack(mailbox.read(message.letter))
-            done = _run(model, message.task_id, dense, sparse, setup.device)
+            done = run_sub_batch(model, message.task_id, dense, sparse, setup.device)
             del dense, sparse  # views into the mailbox: gone before the next letter may remap it
             if time.monotonic() - counts_sent_at >= COUNTS_EVERY_S:
                 done = done._replace(counts=ps.counts())
@@ -168,33 +168,40 @@ def worker_main(setup: WorkerSetup, tasks: Connection, lookups: Connection | Non
     ps.close()
 
 
-def _build_replica(setup: WorkerSetup, lookups: Connection | None):  # -> (RecModel, HierarchicalPS)
-    from recserve.models import build_model
-    from recserve.models.checkpoint import load_dense
+def _worker_tiers(setup: WorkerSetup, lookups: Connection | None) -> list[Tier]:
+    """The DRAM tier attached from shared memory, then the owner's persistent tier over the lookups pipe."""
     from recserve.ps.dram import DramTier
     from recserve.ps.remote import RemoteTier
-    from recserve.ps.server import HierarchicalPS
-    from recserve.ps.tiers import Tier
 
     tiers: list[Tier] = []
     if setup.dram:
         tiers.append(DramTier.attach(setup.dram))
     if setup.remote_tier is not None and lookups is not None:
         tiers.append(RemoteTier(setup.remote_tier, lookups))
+    return tiers
+
+
+def build_replica(setup: WorkerSetup, tiers: list[Tier]) -> tuple[torch.nn.Module, HierarchicalPS]:
+    """The model with its dense weights loaded, over a parameter server of `tiers` (its own counters)."""
+    from recserve.models import build_model
+    from recserve.models.checkpoint import load_dense
+
     ps = HierarchicalPS(setup.tables, tiers)
     model = load_dense(build_model(setup.spec, ps), setup.folder).to(setup.device)
     return model, ps
 
 
-def _set_threads(threads: int) -> None:
-    """k intra-op threads for torch and for the PS's parallel numba kernels alike: W x k stays the thread count."""
+def set_threads(threads: int) -> None:
+    """k intra-op threads for torch (the process's) and for the PS's parallel numba kernels (this thread's)
+    alike: W x k stays the thread count."""
     import numba
 
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
 
 
-def _warm_up(model: torch.nn.Module, setup: WorkerSetup) -> None:
+def warm_up(model: torch.nn.Module, setup: WorkerSetup) -> None:
     """Run a few throwaway queries before reporting ready: torch's first calls of each shape allocate and
     dispatch slowly, and the scheduler's cost model must not learn from them (nor the first client wait)."""
     spec = setup.spec
@@ -206,13 +213,14 @@ def _warm_up(model: torch.nn.Module, setup: WorkerSetup) -> None:
         dense = torch.zeros(items, spec.dense_features) if spec.dense_features else None
         sparse = SparseBatch.from_lengths(features)
         for _ in range(2):
-            done = _run(model, 0, dense, sparse, setup.device)
+            done = run_sub_batch(model, 0, dense, sparse, setup.device)
             if done.error:
                 raise RuntimeError(f"warm-up query failed: {done.error}")
 
 
-def _run(model: torch.nn.Module, task_id: int, dense: torch.Tensor | None, sparse: SparseBatch,
-         device: str) -> SubBatchDone:
+def run_sub_batch(model: torch.nn.Module, task_id: int, dense: torch.Tensor | None, sparse: SparseBatch,
+                  device: str) -> SubBatchDone:
+    """Scores of one sub-batch, or the error that stopped it (never raises: the caller lives on)."""
     started = time.perf_counter()
     try:
         scores = model(dense, sparse.to(device) if device != "cpu" else sparse)

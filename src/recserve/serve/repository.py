@@ -31,6 +31,7 @@ from recserve.ps.dram import DramTier
 from recserve.ps.rocks import RocksTier
 from recserve.ps.server import HierarchicalPS
 from recserve.sched.executor import Executor
+from recserve.sched.inline import InlineReplica
 from recserve.sched.policy import SchedulerKnobs
 from recserve.sched.worker import WorkerSetup
 from recserve.serve.codec import DATATYPE_OF
@@ -181,7 +182,11 @@ def load_model(folder: Path) -> ServedModel:
                             remote_tier=persistent.name if persistent else None, idle_spin_s=s.idle_spin_us / 1e6)
         knobs = SchedulerKnobs(s.batch_size, s.num_workers, s.threads_per_worker, s.accelerator_threshold,
                                s.max_queue)
-        executor = Executor(folder.name, setup, knobs, s.latency_target_ms / 1e3, persistent).start()
+        # the inline replica reads what the workers read: the DRAM tier, then the persistent store
+        inline = InlineReplica(setup, [*dram[:1], *([persistent] if persistent else [])],
+                               s.inline_max_items) if s.inline_max_items else None
+        executor = Executor(folder.name, setup, knobs, s.latency_target_ms / 1e3, persistent,
+                            inline=inline).start()
     except BaseException:
         ps.close()
         raise

@@ -1,0 +1,139 @@
+"""The inline replica: small queries that find a worker idle run in the serving process, on the caller's thread."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from recserve.models.synthetic import QueryGenerator
+from recserve.sched.executor import ServerError
+from recserve.sched.inline import InlineReplica
+from recserve.serve.repository import ServedModel, load_model, write_model_folder
+from tests.sched.test_executor import _args, parked_worker, scores_in_process, settled_counts
+
+SERVING = {"scheduler": {"batch_size": 8, "num_workers": 1, "latency_target_ms": 60_000, "max_queue": 64,
+                         "inline_max_items": 4},
+           "dram": {"num_partitions": 2}}
+TABLE = "rmc1_t0"
+
+
+@pytest.fixture(scope="module")
+def rmc1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    folder = tmp_path_factory.mktemp("repo") / "rmc1"
+    write_model_folder(folder, "rmc1", seed=3, serving=SERVING)
+    served = load_model(folder)
+    yield served
+    served.close()
+
+
+def inline_lookups(served: ServedModel) -> int:
+    return served.executor._inline.counts()[TABLE].lookups  # type: ignore[attr-defined]
+
+
+def test_a_small_query_that_finds_a_worker_idle_runs_inline(rmc1: ServedModel) -> None:
+    executor = rmc1.executor
+    query = QueryGenerator(rmc1.signature.spec, seed=1).query(3)
+    expected = scores_in_process(rmc1.folder, query.dense, query.sparse)
+    worker_counts = settled_counts(executor, TABLE).lookups - inline_lookups(rmc1)
+    ran_inline = 0
+    for _ in range(5):
+        parked_worker(executor)
+        before = inline_lookups(rmc1)
+        future = executor.submit(*_args(query), run_here=True)
+        assert future.done()  # answered on this thread
+        np.testing.assert_allclose(future.result().scores, expected, rtol=1e-5, atol=1e-6)
+        ran_inline += inline_lookups(rmc1) - before
+    assert ran_inline == 5  # one pooled lookup of the table each: every one ran in this process
+    assert settled_counts(executor, TABLE).lookups - inline_lookups(rmc1) == worker_counts  # none on the worker
+    assert executor.queue_state() == (0, 0)
+
+
+def test_bigger_or_queued_queries_still_run_on_the_workers(rmc1: ServedModel) -> None:
+    executor = rmc1.executor
+    generator = QueryGenerator(rmc1.signature.spec, seed=2)
+    bigger, small = generator.query(6), generator.query(2)  # one sub-batch (B=8), over the inline limit of 4
+    parked_worker(executor)
+    before = inline_lookups(rmc1)
+    result = executor.submit(*_args(bigger), run_here=True).result(60)
+    np.testing.assert_allclose(result.scores, scores_in_process(rmc1.folder, bigger.dense, bigger.sparse),
+                               rtol=1e-5, atol=1e-6)
+    executor.submit(*_args(small)).result(60)  # a caller that does not wait on its own thread: queued
+    assert inline_lookups(rmc1) == before
+
+
+def test_lookups_run_inline_count_with_the_workers(rmc1: ServedModel) -> None:
+    executor = rmc1.executor
+    query = QueryGenerator(rmc1.signature.spec, seed=3).query(2)
+    parked_worker(executor)
+    before = settled_counts(executor, TABLE)
+    executor.submit(*_args(query), run_here=True).result(60)
+    after = settled_counts(executor, TABLE)
+    assert after.lookups - before.lookups == 1 and after.keys - before.keys == query.sparse.keys[TABLE].numel()
+    assert after.hits["dram"] - before.hits["dram"] == after.unique_keys - before.unique_keys > 0
+    assert after.not_found == before.not_found
+
+
+def test_an_inline_query_holds_its_worker_and_runs_only_alone(rmc1: ServedModel,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a query runs inline it holds the idle worker it found (so W queries at most compute at once), and a
+    query that arrives meanwhile runs on the other idle worker, not inline: this process's GIL is taken."""
+    executor = rmc1.executor
+    generator = QueryGenerator(rmc1.signature.spec, seed=4)
+    first, second = generator.query(1), generator.query(2)
+    release, entered = threading.Event(), threading.Event()
+    real_run = InlineReplica.run
+
+    def held_run(self: InlineReplica, *args: object) -> object:
+        entered.set()
+        release.wait(30)
+        return real_run(self, *args)
+
+    executor.set_knobs(num_workers=2)
+    monkeypatch.setattr(InlineReplica, "run", held_run)
+    try:
+        deadline = time.monotonic() + 30
+        while sum(w.parked for w in executor._workers) < 2 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+        before = inline_lookups(rmc1)
+        with concurrent.futures.ThreadPoolExecutor(1) as caller:
+            running = caller.submit(lambda: executor.submit(*_args(first), run_here=True).result(60))
+            assert entered.wait(30)
+            assert [w.lent for w in executor._workers].count(True) == 1  # type: ignore[attr-defined]
+            meanwhile = executor.submit(*_args(second), run_here=True)
+            assert meanwhile.done()  # ran on the other worker from this thread while the first was held
+            release.set()
+            np.testing.assert_allclose(running.result(60).scores,
+                                       scores_in_process(rmc1.folder, first.dense, first.sparse),
+                                       rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(meanwhile.result().scores,
+                                   scores_in_process(rmc1.folder, second.dense, second.sparse), rtol=1e-5, atol=1e-6)
+        assert inline_lookups(rmc1) - before == 1  # the first only
+    finally:
+        release.set()
+        executor.set_knobs(num_workers=1)
+    assert executor.queue_state() == (0, 0)
+
+
+def test_a_bug_inline_fails_that_query_and_frees_the_worker(rmc1: ServedModel,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    executor = rmc1.executor
+    query = QueryGenerator(rmc1.signature.spec, seed=5).query(2)
+
+    def broken_forward(*args: object) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(executor._inline, "_model", broken_forward)  # type: ignore[attr-defined]
+    parked_worker(executor)
+    with pytest.raises(ServerError, match="RuntimeError: a bug"):
+        executor.submit(*_args(query), run_here=True).result(60)
+    monkeypatch.undo()
+    parked_worker(executor)  # handed back
+    result = executor.submit(*_args(query), run_here=True).result(60)
+    np.testing.assert_allclose(result.scores, scores_in_process(rmc1.folder, query.dense, query.sparse),
+                               rtol=1e-5, atol=1e-6)
+    assert executor.queue_state() == (0, 0)
