@@ -36,7 +36,7 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 
 from recserve.allocator import retain_freed_memory
-from recserve.config import DramTierConfig, PSConfig, RocksTierConfig
+from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, SchedulerConfig
 from recserve.loadgen.targets import triton_inputs
 from recserve.loadgen.workload import Query as LoadQuery
 from recserve.loadgen.workload import as_v2_arrays
@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of in-process, gRPC, HTTP in turn")
     parser.add_argument("--idle-spin-us", type=int, default=0,
                         help="scheduler.idle_spin_us of the served model (0, the default: workers sleep at once)")
+    parser.add_argument("--inline-max-items", type=int, default=SchedulerConfig().inline_max_items,
+                        help="scheduler.inline_max_items of the served model (0: every query runs on the workers)")
     args = parser.parse_args()
     num_queries = args.queries or (60 if args.quick else 400)
     retain_freed_memory()  # as `recserve serve` does; tritonclient's client here gains from it as much
@@ -195,7 +197,8 @@ def main() -> None:
         repo = Path(tmp)
         serving = {"scheduler": {"batch_size": args.batch_size, "num_workers": args.workers,
                                  "threads_per_worker": args.threads, "latency_target_ms": 60_000,
-                                 "max_queue": 1024, "idle_spin_us": args.idle_spin_us}, "dram": {"num_partitions": 8}}
+                                 "max_queue": 1024, "idle_spin_us": args.idle_spin_us,
+                                 "inline_max_items": args.inline_max_items}, "dram": {"num_partitions": 8}}
         write_model_folder(repo / "rmc1", "rmc1", "tiny", seed=0, serving=serving)
         spec = checkpoint_spec(repo / "rmc1")
         generator = QueryGenerator(spec, seed=1)
@@ -264,6 +267,7 @@ def main() -> None:
         "rounds": {mode: [r["items_per_s"] for r in mode_runs] for mode, mode_runs in runs.items()},
         "config": {"items_per_query": ITEMS, "workers": args.workers, "threads_per_worker": args.threads,
                    "batch_size": args.batch_size, "clients": args.clients, "idle_spin_us": args.idle_spin_us,
+                   "inline_max_items": args.inline_max_items,
                    "cores": os.cpu_count()},
     }))
 
