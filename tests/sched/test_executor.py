@@ -32,13 +32,18 @@ def scores_in_process(folder: Path, dense: torch.Tensor, sparse: object) -> np.n
         return model(dense, sparse).numpy()
 
 
-@pytest.fixture(scope="module")
-def rmc1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+def served_rmc1(tmp_path_factory: pytest.TempPathFactory, serving: dict) -> Iterator[ServedModel]:
+    """Tiny RMC1 loaded as the server loads it (workers started), closed after the module's tests."""
     folder = tmp_path_factory.mktemp("repo") / "rmc1"
-    write_model_folder(folder, "rmc1", seed=3, serving=SERVING)
+    write_model_folder(folder, "rmc1", seed=3, serving=serving)
     served = load_model(folder)
     yield served
     served.close()
+
+
+@pytest.fixture(scope="module")
+def rmc1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
+    yield from served_rmc1(tmp_path_factory, SERVING)
 
 
 def test_sub_batches_run_on_workers_and_join_in_item_order(rmc1: ServedModel) -> None:

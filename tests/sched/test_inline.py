@@ -13,8 +13,8 @@ import pytest
 from recserve.models.synthetic import QueryGenerator
 from recserve.sched.executor import ServerError
 from recserve.sched.inline import InlineReplica
-from recserve.serve.repository import ServedModel, load_model, write_model_folder
-from tests.sched.test_executor import _args, parked_worker, scores_in_process, settled_counts
+from recserve.serve.repository import ServedModel
+from tests.sched.test_executor import _args, parked_worker, scores_in_process, served_rmc1, settled_counts
 
 SERVING = {"scheduler": {"batch_size": 8, "num_workers": 1, "latency_target_ms": 60_000, "max_queue": 64,
                          "inline_max_items": 4},
@@ -24,11 +24,7 @@ TABLE = "rmc1_t0"
 
 @pytest.fixture(scope="module")
 def rmc1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedModel]:
-    folder = tmp_path_factory.mktemp("repo") / "rmc1"
-    write_model_folder(folder, "rmc1", seed=3, serving=SERVING)
-    served = load_model(folder)
-    yield served
-    served.close()
+    yield from served_rmc1(tmp_path_factory, SERVING)
 
 
 def inline_lookups(served: ServedModel) -> int:
