@@ -241,11 +241,11 @@ class SchedulerConfig(StrictModel):
         "workers start, not live.",
     )
     inline_max_items: int = Field(
-        64, ge=0, description="A query of at most this many items that arrives over gRPC (a thread per request) "
-        "while a worker is idle and no other query of the model is in flight runs in the serving process, on the "
-        "request's thread, holding the idle worker: no trip to a worker whose core slept (1-item gRPC p50 1.70 vs "
-        "2.31 ms here). Larger ones hold the serving process's GIL too long (sched/inline.py). 0: every query runs "
-        "on the workers. Set when the model loads.",
+        64, ge=0, description="A query of at most this many items that arrives while a worker is idle and no "
+        "other query of the model is in flight runs in the serving process, on the request's thread (gRPC) or a "
+        "thread of the event loop's (HTTP), holding the idle worker: no trip to a worker whose core slept (1-item "
+        "gRPC p50 1.70 vs 2.31 ms here). Larger ones hold the serving process's GIL too long (sched/inline.py). "
+        "0: every query runs on the workers. Set when the model loads.",
     )
 
 

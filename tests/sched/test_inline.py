@@ -100,6 +100,7 @@ def test_an_inline_query_holds_its_worker_and_runs_only_alone(rmc1: ServedModel,
             running = caller.submit(lambda: executor.submit(*_args(first), run_here=True).result(60))
             assert entered.wait(30)
             assert [w.lent for w in executor._workers].count(True) == 1  # type: ignore[attr-defined]
+            assert not executor.would_run_inline(1)  # one query in flight already
             meanwhile = executor.submit(*_args(second), run_here=True)
             assert meanwhile.done()  # ran on the other worker from this thread while the first was held
             release.set()

@@ -279,6 +279,17 @@ class Executor:
             self._run_here(worker, query, inline)
         return query.future
 
+    def would_run_inline(self, num_items: int) -> bool:
+        """Whether a query of `num_items` submitted now with `run_here` would run on the inline replica: a caller
+        on an event loop asks before handing the query to a thread that may block (a guess: things can change
+        before it submits, and the query then just goes the usual way)."""
+        with self._cond:
+            if self._inline is None or self._outstanding or not self._inline.takes(num_items):
+                return False
+            plan = policy.plan(QueryInfo(-1, num_items, 0.0, 0.0), self._knobs, self._accelerator is not None)
+            return (plan.route == "cpu" and len(plan.sub_batches) == 1 and not self._heaps["cpu"]
+                    and any(w.parked and not w.retiring for w in self._workers))
+
     def _runs_inline(self, query: _Query) -> bool:
         """Whether a lent query runs on the inline replica: small, on the cpu route, and the only query in flight
         (the lock held). With others in flight this process's GIL is busy with their requests, and workers,

@@ -2,12 +2,14 @@
 
 A worker process that sat idle is slow to answer: the pipe wakes it on a core that slept, and its caller sleeps
 meanwhile too. For a small query that trip costs as much as the compute. So a query of at most `max_items`
-items, whose caller waits on its own thread anyway (`Executor.submit(run_here=True)`), and which is the model's
-only query in flight, runs here on the caller's thread -- holding the idle worker it found, so that W queries at
-most compute at once and earliest-deadline-first still holds.
+items, whose caller waits on its own thread anyway (`Executor.submit(run_here=True)`: gRPC's handler threads, and
+the HTTP front end, which hands such a query from its event loop to a thread when `Executor.would_run_inline`),
+and which is the model's only query in flight, runs here on the caller's thread -- holding the idle worker it
+found, so that W queries at most compute at once and earliest-deadline-first still holds.
 
 Measured on 2 cores (RMC1 `tiny`, B=256 W=2 k=1, servers with and without it alternated, one gRPC client): p50
-1 item 1.70 vs 2.31 ms, 16 items 2.50 vs 3.75 ms, 64 items 3.75 vs 4.91 ms, 256 items 9.2 vs 10.2 ms. Only
+1 item 1.70 vs 2.31 ms, 16 items 2.50 vs 3.75 ms, 64 items 3.75 vs 4.91 ms, 256 items 9.2 vs 10.2 ms; one HTTP
+client, 1 item: 1.59-1.68 vs 2.03-2.62 ms. Only
 alone: with other queries in flight this process's GIL is busy with their requests, and the workers, each with
 a GIL of its own, did better (four clients got 0.76-0.84x the items/s when inline runs did not wait to be alone;
 as it is, 1.03-1.23x). And only small: with every query up to 256 items inline, the demo's tuned setting

@@ -34,6 +34,7 @@ from recserve.serve.codec import InferRequest
 from recserve.serve.metrics import Metrics
 from recserve.serve.online_tuning import tuner_for
 from recserve.serve.repository import ServedModel, load_model, model_folders
+from recserve.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
 
@@ -138,18 +139,30 @@ class InferenceServer:
                run_here: bool = False) -> concurrent.futures.Future[QueryResult]:
         """Check the request against the model and admit it (or raise); the Future resolves to its result.
         run_here: as `Executor.submit` (a caller on its own thread, never the event loop)."""
+        model, dense, sparse = self._decode(name, version, request)
+        return model.executor.submit(dense, sparse, timeout_s, run_here=run_here)
+
+    def _decode(self, name: str, version: str, request: InferRequest) -> tuple[ServedModel, np.ndarray | None,
+                                                                                 SparseBatch]:
         model = self.model(name, version)
         unknown = [o for o in request.outputs if o not in {t.name for t in model.signature.outputs}]
         if unknown:
             raise InvalidInputError(f"model '{name}' has no outputs {unknown} (it has: scores)")
         dense, sparse = model.signature.decode(request.inputs)
-        return model.executor.submit(dense, sparse, timeout_s, run_here=run_here)
+        return model, dense, sparse
 
     async def infer(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
                     protocol: str) -> dict[str, np.ndarray]:
-        """Scores of one request, for a front end on the event loop; raises a RecserveError on anything wrong."""
+        """Scores of one request, for a front end on the event loop; raises a RecserveError on anything wrong.
+        A query the inline replica would take goes to a thread that runs it there (the loop must not block)."""
         with self._accounted(name, protocol) as outcome:
-            outcome.result = await asyncio.wrap_future(self.submit(name, version, request, timeout_s))
+            model, dense, sparse = self._decode(name, version, request)
+            executor = model.executor
+            if executor.would_run_inline(sparse.num_items):
+                future = await asyncio.to_thread(executor.submit, dense, sparse, timeout_s, run_here=True)
+            else:
+                future = executor.submit(dense, sparse, timeout_s)
+            outcome.result = await asyncio.wrap_future(future)
         return {"scores": outcome.result.scores}
 
     def infer_blocking(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
