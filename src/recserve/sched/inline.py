@@ -9,11 +9,11 @@ found, so that W queries at most compute at once and earliest-deadline-first sti
 
 Measured on 2 cores (RMC1 `tiny`, B=256 W=2 k=1, servers with and without it alternated, one gRPC client): p50
 1 item 1.70 vs 2.31 ms, 16 items 2.50 vs 3.75 ms, 64 items 3.75 vs 4.91 ms, 256 items 9.2 vs 10.2 ms; one HTTP
-client, 1 item: 1.59-1.68 vs 2.03-2.62 ms. Only
-alone: with other queries in flight this process's GIL is busy with their requests, and the workers, each with
-a GIL of its own, did better (four clients got 0.76-0.84x the items/s when inline runs did not wait to be alone;
-as it is, 1.03-1.23x). And only small: with every query up to 256 items inline, the demo's tuned setting
-sustained less (190, 160, 190 against 269, 190, 226 qps, alternated), its ~165-item queries holding the GIL.
+client, 1 item: 1.59-1.68 vs 2.03-2.62 ms. Only alone: with other queries in flight this process's GIL is busy
+with their requests, and the workers, each with a GIL of its own, did better (four clients got 0.76-0.84x the
+items/s when inline runs did not wait to be alone; as it is, 1.03-1.23x). And only small: with every query up to
+256 items inline, the demo's tuned setting sustained less (190, 160, 190 against 269, 190, 226 qps,
+alternated), its ~165-item queries holding the GIL while others arrived.
 
 The replica reads the tiers the workers read (the DRAM tier, then the persistent store) through a
 `HierarchicalPS` of its own: its lookups are counted apart, and closing the owner closes the tiers.
