@@ -92,7 +92,7 @@ def _print_summary(s: dict, path: Path | str) -> None:
 
 
 def run_serving_demo(out: Path, target_ms: float = 100.0, duration_s: float = 1.5, max_items: int = 512,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, confirm_rounds: int = 2) -> dict:
     import os
 
     from recserve.config import ArrivalProcess, LoadConfig, SizeDistribution
@@ -119,7 +119,8 @@ def run_serving_demo(out: Path, target_ms: float = 100.0, duration_s: float = 1.
             endpoint = Endpoint(grpc=server.grpc, http=server.http)
             load = LoadConfig(model="rmc1", duration_s=duration_s, arrivals=ArrivalProcess(qps=20.0),
                               sizes=SizeDistribution(kind="lognormal", mu=5.1, sigma=0.2, max_items=max_items))
-            document = tune_job(endpoint, load, out, target_ms=target_ms, progress=progress)
+            document = tune_job(endpoint, load, out, target_ms=target_ms, progress=progress,
+                                confirm_rounds=confirm_rounds)
             document["hit_rates"] = _hit_rates(server.http)
         finally:
             server.stop()

@@ -22,12 +22,20 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_tune_reports_every_setting_and_the_ratio(repo: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tune", "--repo", str(repo), "--model", "ncf", "--qps", "50", "--duration", "0.4",
-                 "--max-items", "64", "--target-ms", "200", "--out", str(tmp_path)]) == 0
+                 "--max-items", "64", "--target-ms", "200", "--out", str(tmp_path), "--confirm", "1"]) == 0
     out = capsys.readouterr().out
     assert "(baseline)" in out and "<- best" in out and "vs baseline" in out
     document = json.loads((tmp_path / "tune.json").read_text())
     assert document["tuned_qps"] >= document["baseline_qps"] > 0
     assert document["ratio"] == pytest.approx(document["tuned_qps"] / document["baseline_qps"])
+    confirmed = document["confirmed"]  # measured again unless the baseline itself won
+    if document["best"] != {"batch_size": 64, "num_workers": 1, "threads_per_worker": 2,
+                            "accelerator_threshold": None}:
+        assert "measured 2 times each, in turn" in out
+        assert confirmed["tuned_qps"][0] == document["tuned_qps"] and len(confirmed["baseline_qps"]) == 2
+        assert confirmed["ratio"] == pytest.approx(confirmed["tuned_median"] / confirmed["baseline_median"])
+    else:
+        assert confirmed is None
     assert len(document["tried"]) >= 3 and all(t["probes"] for t in document["tried"])
     assert (tmp_path / "latency_vs_load.png").stat().st_size > 10_000
 
@@ -70,8 +78,12 @@ def test_each_capacity_search_starts_at_the_best_capacity_found_so_far(monkeypat
     monkeypatch.setattr(tuning, "capacity", fake_capacity)
     monkeypatch.setattr(tuning, "warm_up", lambda *args: None)
     load = LoadConfig(model="x", sizes=SizeDistribution(kind="fixed", items=512, max_items=512))
-    result, baseline, _ = tuning.tune(applied.append, lambda: None, None, load, 100.0, cores=2,  # type: ignore[arg-type]
-                                      progress=False)
+    result, baseline, measurements = tuning.tune(applied.append, lambda: None, None, load, 100.0,  # type: ignore[arg-type]
+                                                 cores=2, progress=False, confirm_rounds=2)
     assert result.best == Setting(128, 2, 1) and baseline.qps == 50.0
     assert Setting(64, 1, 2) in applied  # a poor setting was measured, and the searches after it still start high
     assert all(start == best for start, best in starts) and len(starts) == len(applied)
+    # then the best and the baseline again, in turn
+    assert applied[-4:] == [Setting(128, 2, 1), Setting(512, 1, 2), Setting(512, 1, 2), Setting(128, 2, 1)]
+    assert measurements.confirmation is not None
+    assert measurements.confirmation.tuned_qps == (90.0,) * 3 and measurements.confirmation.baseline_qps == (50.0,) * 3

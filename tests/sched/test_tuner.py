@@ -9,7 +9,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from recserve.errors import InvalidInputError
-from recserve.sched.tuner import Capacity, Setting, hill_climb, max_qps, neighbours, tune_against_baseline
+from recserve.sched.tuner import (
+    Capacity,
+    Setting,
+    confirm,
+    hill_climb,
+    max_qps,
+    neighbours,
+    tune_against_baseline,
+)
 
 
 def queue_latency(capacity_qps: float, base_ms: float = 5.0) -> callable:
@@ -120,3 +128,23 @@ def test_neighbours_move_t_only_with_an_accelerator() -> None:
     assert Setting(64, 2, 1, accelerator_threshold=256) in with_t
     assert set(neighbours(Setting(64, 2, 1, 512), 2, 512, accelerator=True)) >= {
         Setting(64, 2, 1, 256), Setting(64, 2, 1, None)}  # doubled past the largest query: off
+
+
+def test_confirm_measures_both_in_turn_and_compares_medians() -> None:
+    """The tuned setting's figure from the climb was its luckiest; measured again in turn with the baseline, the
+    medians give the ratio to expect."""
+    baseline, tuned = Setting(512, 1, 2), Setting(128, 2, 1)
+    again = {baseline: iter([100.0, 80.0, 120.0]), tuned: iter([150.0, 170.0, 160.0])}
+    order: list[Setting] = []
+
+    def evaluate(setting: Setting) -> Capacity:
+        order.append(setting)
+        return Capacity(next(again[setting]), ())
+
+    confirmation = confirm(evaluate, baseline, 90.0, tuned, 300.0, rounds=3)
+    assert order == [tuned, baseline, baseline, tuned, tuned, baseline]  # who goes first alternates
+    assert confirmation.tuned_qps == (300.0, 150.0, 170.0, 160.0)
+    assert confirmation.baseline_qps == (90.0, 100.0, 80.0, 120.0)
+    assert confirmation.tuned_median == 165.0 and confirmation.baseline_median == 95.0
+    assert confirmation.ratio == pytest.approx(165.0 / 95.0)  # 300 / 90 from the climb alone
+    assert confirm(lambda s: Capacity(0.0, ()), baseline, 0.0, tuned, 10.0, rounds=1).ratio is None

@@ -85,14 +85,16 @@ def bench(endpoint: Endpoint, load: LoadConfig, out: Path, progress: bool = True
 
 
 def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float | None = None,
-             percentile: float = 95.0, target_scale: float = 1.0, progress: bool = True) -> dict:
-    """Baseline and hill climb; prints every setting tried, writes tune.json and latency_vs_load.png."""
+             percentile: float = 95.0, target_scale: float = 1.0, progress: bool = True,
+             confirm_rounds: int = 0) -> dict:
+    """Baseline and hill climb (and, with `confirm_rounds`, both measured again in turn); prints every setting
+    tried, writes tune.json and latency_vs_load.png."""
     target_ms = (target_ms or PAPER_TARGETS_MS.get(load.model, 100.0)) * target_scale
     with connect(endpoint, load.model) as connected:
         pool = QueryPool(connected.spec, load.sizes.max_items, load.zipf_alpha, load.seed)
         result, baseline, measurements = tune(connected.apply, connected.make_target, pool, load, target_ms,
                                               percentile, os.cpu_count(), progress=progress,
-                                              accelerator=connected.accelerator)
+                                              accelerator=connected.accelerator, confirm_rounds=confirm_rounds)
         connected.apply(result.best)  # leave the server on the best setting found
     baseline_setting = static_baseline(load.sizes.max_items, os.cpu_count() or 1)
     print(f"p{percentile:g} target {target_ms:g} ms; capacity (queries/s) of every setting tried:")
@@ -106,9 +108,20 @@ def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float |
     if ratio is not None:
         print(f"tuned {result.best} sustains {result.best_qps:.1f} qps vs baseline {baseline.qps:.1f}: "
               f"{ratio:.2f}x")
+    confirmation = measurements.confirmation
+    if confirmation is not None:
+        runs = len(confirmation.tuned_qps)
+        print(f"measured {runs} times each, in turn: tuned {_figures(confirmation.tuned_qps)}, baseline "
+              f"{_figures(confirmation.baseline_qps)} qps; medians {confirmation.tuned_median:.1f} vs "
+              f"{confirmation.baseline_median:.1f}" + (f": {confirmation.ratio:.2f}x" if confirmation.ratio else ""))
     document = {
         "model": load.model, "target_ms": target_ms, "percentile": percentile,
         "best": vars_of(result.best), "tuned_qps": result.best_qps, "baseline_qps": baseline.qps, "ratio": ratio,
+        "confirmed": None if confirmation is None else {
+            "tuned_qps": list(confirmation.tuned_qps), "baseline_qps": list(confirmation.baseline_qps),
+            "tuned_median": confirmation.tuned_median, "baseline_median": confirmation.baseline_median,
+            "ratio": confirmation.ratio,
+        },
         "tried": [{"setting": vars_of(s), "qps": c.qps, "probes": [vars_of(p) for p in c.probes]}
                   for s, c in result.tried.items()],
     }
@@ -117,6 +130,10 @@ def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float |
     report.plot_latency_vs_load(out / "latency_vs_load.png", curves, target_ms, percentile)
     print(f"wrote {out / 'tune.json'} and {out / 'latency_vs_load.png'}")
     return document
+
+
+def _figures(values: tuple[float, ...]) -> str:
+    return " / ".join(f"{v:.1f}" for v in values)
 
 
 def vars_of(value: object) -> dict:

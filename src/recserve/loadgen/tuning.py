@@ -21,7 +21,16 @@ from recserve.config import LoadConfig
 from recserve.errors import InvalidInputError, TierUnavailableError
 from recserve.loadgen.runner import RunSummary, Target, run_load, summarize
 from recserve.loadgen.workload import QueryPool
-from recserve.sched.tuner import Capacity, Setting, TuneResult, max_qps, tune_against_baseline
+from recserve.sched.tuner import (
+    Capacity,
+    Confirmation,
+    Setting,
+    TuneResult,
+    confirm,
+    max_qps,
+    static_baseline,
+    tune_against_baseline,
+)
 
 # p95 latency targets of the DeepRecSys paper, ms; scale them per machine (--target-scale)
 MIN_PROBE_QUERIES = 40
@@ -34,6 +43,7 @@ class Measurements:
     """Every run made while tuning, for the report: setting -> [(offered qps, summary)]."""
 
     runs: dict[Setting, list[tuple[float, RunSummary]]] = field(default_factory=dict)
+    confirmation: Confirmation | None = None  # with confirm_rounds: the baseline and the best measured again
 
     def add(self, setting: Setting, qps: float, summary: RunSummary) -> None:
         self.runs.setdefault(setting, []).append((qps, summary))
@@ -107,8 +117,10 @@ def capacity(make_target: Callable[[], Target], pool: QueryPool, load: LoadConfi
 
 def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], pool: QueryPool, load: LoadConfig,
          target_ms: float, percentile: float = 95.0, cores: int | None = None,
-         progress: bool = True, accelerator: bool = False) -> tuple[TuneResult, Capacity, Measurements]:
-    """The baseline's capacity, then the hill climb's; every run recorded."""
+         progress: bool = True, accelerator: bool = False, confirm_rounds: int = 0,
+         ) -> tuple[TuneResult, Capacity, Measurements]:
+    """The baseline's capacity, then the hill climb's; every run recorded. With `confirm_rounds`, the baseline
+    and the best are then measured that many more times each, in turn (`sched.tuner.confirm`)."""
     measurements = Measurements()
     # Each search starts at the best capacity found so far: the rates that decide whether a setting wins. (It
     # started at the last one found, and after a bad setting the next search began at 1 qps, where a probe holds
@@ -123,6 +135,10 @@ def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], po
         best[0] = max(best[0], found.qps)
         return found
 
-    result, baseline = tune_against_baseline(evaluate, load.sizes.max_items, cores or os.cpu_count() or 1,
-                                             accelerator=accelerator)
+    cores = cores or os.cpu_count() or 1
+    result, baseline = tune_against_baseline(evaluate, load.sizes.max_items, cores, accelerator=accelerator)
+    baseline_setting = static_baseline(load.sizes.max_items, cores)
+    if confirm_rounds and result.best != baseline_setting:
+        measurements.confirmation = confirm(evaluate, baseline_setting, baseline.qps, result.best, result.best_qps,
+                                            confirm_rounds)
     return result, baseline, measurements

@@ -13,6 +13,7 @@ neighbour that looks better by less than twice the margin before believing it.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -183,3 +184,38 @@ def tune_against_baseline(evaluate: Callable[[Setting], Capacity], max_items: in
     if found.qps > result.best_qps:  # the baseline is a valid answer too
         result.best, result.best_qps = baseline, found.qps
     return result, found
+
+
+@dataclass(frozen=True, slots=True)
+class Confirmation:
+    """The baseline's and the tuned setting's capacities, measured again in alternation after the climb."""
+
+    baseline_qps: tuple[float, ...]  # the climb's figure first, then one per round
+    tuned_qps: tuple[float, ...]
+
+    @property
+    def baseline_median(self) -> float:
+        return statistics.median(self.baseline_qps)
+
+    @property
+    def tuned_median(self) -> float:
+        return statistics.median(self.tuned_qps)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.tuned_median / self.baseline_median if self.baseline_median > 0 else None
+
+
+def confirm(evaluate: Callable[[Setting], Capacity], baseline: Setting, baseline_qps: float, tuned: Setting,
+            tuned_qps: float, rounds: int) -> Confirmation:
+    """Measure the baseline and the tuned setting `rounds` more times each, alternating which goes first.
+
+    Why: the tuned setting won as the highest of many noisy measurements, so its own figure is biased up (a
+    winner's curse), and each figure is one search in one minute of a machine whose speed drifts. Medians of
+    measurements taken in turn compare the two on equal terms: the ratio a user should expect."""
+    baseline_runs, tuned_runs = [baseline_qps], [tuned_qps]
+    for round_index in range(rounds):
+        pairs = [(tuned, tuned_runs), (baseline, baseline_runs)]
+        for setting, runs in pairs if round_index % 2 == 0 else pairs[::-1]:
+            runs.append(evaluate(setting).qps)
+    return Confirmation(tuple(baseline_runs), tuple(tuned_runs))
