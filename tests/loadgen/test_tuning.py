@@ -49,6 +49,12 @@ def test_a_target_nothing_meets_is_reported_not_looped(repo: Path, tmp_path: Pat
     assert json.loads((tmp_path / "tune.json").read_text())["tuned_qps"] == 0
 
 
+def test_a_negative_confirm_count_is_refused(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tune", "--repo", str(repo), "--model", "ncf", "--confirm", "-1", "--out", str(tmp_path)]) == 2
+    assert "confirm rounds must be >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "tune.json").exists()
+
+
 def test_bad_load_parameters_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--repo", str(tmp_path), "--qps", "-3"]) == 2
     assert "qps" in capsys.readouterr().err

@@ -113,7 +113,8 @@ def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float |
         runs = len(confirmation.tuned_qps)
         print(f"measured {runs} times each, in turn: tuned {_figures(confirmation.tuned_qps)}, baseline "
               f"{_figures(confirmation.baseline_qps)} qps; medians {confirmation.tuned_median:.1f} vs "
-              f"{confirmation.baseline_median:.1f}" + (f": {confirmation.ratio:.2f}x" if confirmation.ratio else ""))
+              f"{confirmation.baseline_median:.1f}"
+              + (f": {confirmation.ratio:.2f}x" if confirmation.ratio is not None else ""))
     document = {
         "model": load.model, "target_ms": target_ms, "percentile": percentile,
         "best": vars_of(result.best), "tuned_qps": result.best_qps, "baseline_qps": baseline.qps, "ratio": ratio,

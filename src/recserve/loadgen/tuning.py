@@ -121,6 +121,8 @@ def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], po
          ) -> tuple[TuneResult, Capacity, Measurements]:
     """The baseline's capacity, then the hill climb's; every run recorded. With `confirm_rounds`, the baseline
     and the best are then measured that many more times each, in turn (`sched.tuner.confirm`)."""
+    if confirm_rounds < 0:
+        raise InvalidInputError(f"confirm rounds must be >= 0, got {confirm_rounds}")
     measurements = Measurements()
     # Each search starts at the best capacity found so far: the rates that decide whether a setting wins. (It
     # started at the last one found, and after a bad setting the next search began at 1 qps, where a probe holds
