@@ -274,7 +274,7 @@ class Executor:
             worker = self._lend_idle_worker(plan) if run_here else None
             if worker is None:
                 self._enqueue(query)
-            inline = worker is not None and self._runs_inline(query)
+            inline = worker is not None and self._takes_inline(plan.route, info.num_items, self._outstanding)
         if worker is not None:
             self._run_here(worker, query, inline)
         return query.future
@@ -284,18 +284,17 @@ class Executor:
         on an event loop asks before handing the query to a thread that may block (a guess: things can change
         before it submits, and the query then just goes the usual way)."""
         with self._cond:
-            if self._inline is None or self._outstanding or not self._inline.takes(num_items):
-                return False
+            if self._inline is None or not self._inline.takes(num_items):
+                return False  # before planning: a large query's plan lists its many sub-batches
             plan = policy.plan(QueryInfo(-1, num_items, 0.0, 0.0), self._knobs, self._accelerator is not None)
-            return (plan.route == "cpu" and len(plan.sub_batches) == 1 and not self._heaps["cpu"]
-                    and any(w.parked and not w.retiring for w in self._workers))
+            return (self._takes_inline(plan.route, num_items, in_flight=self._outstanding + 1)
+                    and self._idle_worker(plan) is not None)
 
-    def _runs_inline(self, query: _Query) -> bool:
+    def _takes_inline(self, route: Route, num_items: int, in_flight: int) -> bool:
         """Whether a lent query runs on the inline replica: small, on the cpu route, and the only query in flight
         (the lock held). With others in flight this process's GIL is busy with their requests, and workers,
         which have GILs of their own, answered faster: four gRPC clients got 0.76-0.84x the items/s inline."""
-        return (self._inline is not None and query.plan.route == "cpu" and self._outstanding == 1
-                and self._inline.takes(query.info.num_items))
+        return self._inline is not None and route == "cpu" and in_flight == 1 and self._inline.takes(num_items)
 
     def _enqueue(self, query: _Query) -> None:
         """Push a query's sub-batches for the drivers (the lock held)."""
@@ -308,13 +307,19 @@ class Executor:
             self._cond.notify_all()
 
     def _lend_idle_worker(self, plan: SchedulePlan) -> WorkerHandle | None:
+        """An idle worker (`_idle_worker`), marked lent; None if there is none (the lock held)."""
+        worker = self._idle_worker(plan)
+        if worker is not None:
+            worker.parked, worker.lent = False, True
+        return worker
+
+    def _idle_worker(self, plan: SchedulePlan) -> WorkerHandle | None:
         """A worker whose driver waits for work, for a query of one sub-batch with nothing queued ahead of it on
         its route (so earliest-deadline-first still holds); None if there is none (the lock held)."""
         if len(plan.sub_batches) != 1 or self._heaps[plan.route]:
             return None
         for worker in self._workers if plan.route == "cpu" else [self._accelerator]:
             if worker is not None and worker.parked and not worker.retiring:
-                worker.parked, worker.lent = False, True
                 return worker
         return None
 
