@@ -87,7 +87,7 @@ def test_each_capacity_search_starts_at_the_best_capacity_found_so_far(monkeypat
     result, baseline, measurements = tuning.tune(applied.append, lambda: None, None, load, 100.0,  # type: ignore[arg-type]
                                                  cores=2, progress=False, confirm_rounds=2)
     assert result.best == Setting(128, 2, 1) and baseline.qps == 50.0
-    assert Setting(64, 1, 2) in applied  # a poor setting was measured, and the searches after it still start high
+    assert Setting(128, 1, 2) in applied  # a poor setting was measured, and the searches after it still start high
     assert all(start == best for start, best in starts) and len(starts) == len(applied)
     # then the best and the baseline again, in turn
     assert applied[-4:] == [Setting(128, 2, 1), Setting(512, 1, 2), Setting(512, 1, 2), Setting(128, 2, 1)]

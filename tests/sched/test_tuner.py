@@ -12,6 +12,7 @@ from recserve.errors import InvalidInputError
 from recserve.sched.tuner import (
     Capacity,
     Setting,
+    batch_grid,
     confirm,
     hill_climb,
     max_qps,
@@ -148,3 +149,22 @@ def test_confirm_measures_both_in_turn_and_compares_medians() -> None:
     assert confirmation.tuned_median == 165.0 and confirmation.baseline_median == 95.0
     assert confirmation.ratio == pytest.approx(165.0 / 95.0)  # 300 / 90 from the climb alone
     assert confirm(lambda s: Capacity(0.0, ()), baseline, 0.0, tuned, 10.0, rounds=1).ratio is None
+
+
+def test_batch_grid_doubles_up_to_a_whole_query() -> None:
+    assert batch_grid(512) == [32, 64, 128, 256, 512]
+    assert batch_grid(300) == [32, 64, 128, 256, 300]
+    assert batch_grid(20) == [20] and batch_grid(1) == [1]
+
+
+def test_the_scan_finds_a_peak_past_a_dip_the_climb_alone_stops_at() -> None:
+    """B=128 measures below B=64 however often it runs; a climb from B=64 stops there, the row's best is 256."""
+    true_qps = {32: 100.0, 64: 150.0, 128: 140.0, 256: 200.0, 512: 180.0}
+
+    def evaluate(s: Setting) -> Capacity:
+        return Capacity(qps=true_qps[s.batch_size] * (1.0 if s.num_workers == 2 else 0.5), probes=())
+
+    assert hill_climb(evaluate, Setting(64, 2, 1), cores=2, max_batch=512).best == Setting(64, 2, 1)
+    result, baseline = tune_against_baseline(evaluate, max_items=512, cores=2)
+    assert result.best == Setting(256, 2, 1) and result.best_qps == 200.0 and baseline.qps == 90.0
+    assert {Setting(b, 2, 1) for b in (32, 64, 128, 256, 512)} <= set(result.tried)
