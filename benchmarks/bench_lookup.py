@@ -242,14 +242,20 @@ def bench_zipf(num_rows: int, store: Path, shm: Path) -> dict:
                       rocksdb=RocksTierConfig(path=store))
     zipf = ZipfKeys(num_rows, alpha=1.05, seed=3)
     with HierarchicalPS.from_config(config) as ps:
-        for _ in range(20):  # warm the DRAM tier
+        # Warm until the tier has filled and then evicted for a while (read twice its rows from RocksDB), as under
+        # a live stream: 20 batches, as before, held 318 k distinct keys of 10M, a third of the tier, and measured
+        # a cold tier's hit rate (57.5%).
+        warm_batches = 0
+        while ps.stats().tables["t"].tiers["dram"].misses < 2 * table.dram_capacity_rows and warm_batches < 2_000:
             ps.lookup_numpy("t", zipf.sample(BATCH))
+            warm_batches += 1
         before = ps.stats().tables["t"].tiers["dram"]
         batches = [zipf.sample(BATCH) for _ in range(20)]
         speed = keys_per_s(lambda b: ps.lookup_numpy("t", b), batches, repeats=1)
         after = ps.stats().tables["t"].tiers["dram"]
     hits, misses = after.hits - before.hits, after.misses - before.misses
-    return {"zipf_dram10_hit_rate": hits / (hits + misses), "zipf_dram10_keys_per_s": speed}
+    return {"zipf_dram10_hit_rate": hits / (hits + misses), "zipf_dram10_keys_per_s": speed,
+            "zipf_dram10_warm_batches": warm_batches}
 
 
 def main() -> None:
