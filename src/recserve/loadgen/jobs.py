@@ -87,8 +87,8 @@ def bench(endpoint: Endpoint, load: LoadConfig, out: Path, progress: bool = True
 def tune_job(endpoint: Endpoint, load: LoadConfig, out: Path, target_ms: float | None = None,
              percentile: float = 95.0, target_scale: float = 1.0, progress: bool = True,
              confirm_rounds: int = 0) -> dict:
-    """Baseline and hill climb (and, with `confirm_rounds`, both measured again in turn); prints every setting
-    tried, writes tune.json and latency_vs_load.png."""
+    """Baseline, scan of B and hill climb (and, with `confirm_rounds`, both measured again in turn); prints every
+    setting tried, writes tune.json and latency_vs_load.png."""
     target_ms = (target_ms or PAPER_TARGETS_MS.get(load.model, 100.0)) * target_scale
     with connect(endpoint, load.model) as connected:
         pool = QueryPool(connected.spec, load.sizes.max_items, load.zipf_alpha, load.seed)

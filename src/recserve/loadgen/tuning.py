@@ -119,8 +119,9 @@ def tune(apply: Callable[[Setting], None], make_target: Callable[[], Target], po
          target_ms: float, percentile: float = 95.0, cores: int | None = None,
          progress: bool = True, accelerator: bool = False, confirm_rounds: int = 0,
          ) -> tuple[TuneResult, Capacity, Measurements]:
-    """The baseline's capacity, then the hill climb's; every run recorded. With `confirm_rounds`, the baseline
-    and the best are then measured that many more times each, in turn (`sched.tuner.confirm`)."""
+    """The baseline's capacity, then the scan of B's and the hill climb's; every run recorded. With
+    `confirm_rounds`, the baseline and the best are then measured that many more times each, in turn
+    (`sched.tuner.confirm`)."""
     if confirm_rounds < 0:
         raise InvalidInputError(f"confirm rounds must be >= 0, got {confirm_rounds}")
     measurements = Measurements()

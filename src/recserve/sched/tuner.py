@@ -189,8 +189,8 @@ def tune_against_baseline(evaluate: Callable[[Setting], Capacity], max_items: in
     Why scan before climbing: B's gains here come in steps of 10-20%, as large as one run's noise, so a climb
     from one end of the grid needed several uphill calls in a row and stopped at the first one a noisy run
     decided the wrong way (the demo stopped at B=64 or B=128 in about one run in three, where B=256 sustains
-    1.4-1.7x the baseline).
-    The best of the whole row is one decision among all its figures; the climb then refines around it."""
+    1.4-1.7x the baseline). The best of the whole row is one decision among all its figures; the climb then
+    refines around it."""
     baseline = static_baseline(max_items, cores)
     tried = {baseline: evaluate(baseline)}
     row = [Setting(batch, cores, 1) for batch in batch_grid(max_items)]
