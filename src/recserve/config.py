@@ -109,7 +109,7 @@ class DeviceCacheConfig(StrictModel):
     """The top tier: a set-associative cache of hot rows in torch tensors, on cuda or cpu (HPS's GPU cache).
 
     Off by default: on cpu the DRAM tier answers a hit faster than this cache does (benchmarks/bench_cache.py
-    measures both; see the README), so a cpu cache only pays where the tiers below are slow.
+    measures both; see the README's benchmarks), so a cpu cache only pays where the tiers below are slow.
     """
 
     enabled: bool = Field(False, description="Put the cache in front of the DRAM tier.")

@@ -269,8 +269,8 @@ def lookup_kernel(clock, part, slots, rec, values, keys, out, found, num_slots, 
     then find every key among its line's four slots (the few elsewhere take the probe) and fetch its record,
     then copy every row, then mark each as used. The misses of a phase are independent, so the core keeps a
     block's worth in flight; and the loops stay short and branch-light. 1.3-1.7x the keys/s of a software
-    pipeline that interleaved the three steps of different keys in one loop (README, phased lookups in home
-    lines)."""
+    pipeline that interleaved the three steps of different keys in one loop (benchmarks/NOTES.md, phased
+    lookups in home lines)."""
     n = keys.size
     now = fetch_add(clock, CLOCK_ACCESS, n)
     size = task_keys(n, threads)
@@ -330,7 +330,7 @@ def pool_bags(clock_now, part, slots, rec, values, keys, offsets, out, found, b0
 
     Each row is added into its bag straight from its record, between the seqlock's two reads: copying rows
     into a scratch block first and adding them from there took 1.09-1.14x the time on one thread (Zipf keys
-    into 4M x 32, README: rows added straight into their bags).
+    into 4M x 32, benchmarks/NOTES.md: rows added straight into their bags).
     An add that fails its check may have put part of a row into the bag, so that bag is summed again from
     checked copies once the rest is done; that needs a writer inside the record at that very moment.
     """

@@ -111,7 +111,8 @@ class RocksTier:
         found = np.zeros(keys.size, dtype=np.bool_)
         step = self._config.max_get_batch_size
         # Asked in key order: RocksDB's multi-get sorts only 32 keys at a time, and sorted keys walk the files'
-        # index blocks in order, one search's path still in cache for the next (0.84-0.93x the time, README).
+        # index blocks in order, one search's path still in cache for the next (0.84-0.93x the time,
+        # benchmarks/NOTES.md).
         order = np.argsort(keys)
         in_order = keys[order]
         for start in range(0, keys.size, step):
@@ -275,7 +276,8 @@ class RocksTier:
         # slows the import.
         options.set_compression_type(self._rd.DBCompressionType.none())
         # A point read of a row in the page cache then costs a memory access instead of a pread and a copy
-        # into the block cache: 1.5x the keys/s measured on a 4M-row table (README, RocksDB reads).
+        # into the block cache: 1.5x the keys/s measured on a 4M-row table (benchmarks/NOTES.md, RocksDB
+        # reads).
         options.set_allow_mmap_reads(self._config.mmap_reads)
         if self._block_cache is not None:  # one cache shared by every table's column family
             table_options = self._rd.BlockBasedOptions()
