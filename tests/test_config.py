@@ -91,6 +91,8 @@ def test_our_yaml_loads_and_misspelt_keys_are_named(tmp_path: Path) -> None:
         ({"name": "t", "dim": 4, "dram_capacity_rows": 5, "dram_capacity_bytes": 5}, "not both"),
         ({"name": "t", "dim": 4, "overflow_policy": "evict_fifo"}, "overflow_policy"),
         ({"name": "bad name!", "dim": 4}, "ps.tables.0.name"),
+        ({"name": "t", "dim": 4, "dtype": "float64"}, "ps.tables.0.dtype: Input should be 'float32', 'float16' or "
+                                                       "'bfloat16'"),
     ],
 )
 def test_bad_table_values_are_named(table: dict, message: str) -> None:

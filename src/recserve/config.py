@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from recserve.errors import ConfigError
 
 OverflowPolicy = Literal["evict_lru", "evict_lfu", "evict_random", "reject"]
-RowDtype = Literal["float32", "float16"]
+RowDtype = Literal["float32", "float16", "bfloat16"]
 TableName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")]
 
 
@@ -68,7 +68,7 @@ class TableConfig(StrictModel):
 
     @property
     def itemsize(self) -> int:
-        return np.dtype(self.dtype).itemsize
+        return 4 if self.dtype == "float32" else 2
 
     def default_row(self) -> np.ndarray:
         """The float32 row [dim] returned for keys found nowhere."""

@@ -170,13 +170,14 @@ def test_the_lowest_int64_key_marks_empty_slots_and_is_never_cached() -> None:
     assert cache.held_keys().tolist() == [5]
 
 
-def test_float16_storage_returns_float32_rounded_rows() -> None:
-    cache = EmbeddingCache(16, DIM, dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_storage_returns_float32_rounded_rows(dtype: torch.dtype) -> None:
+    cache = EmbeddingCache(16, DIM, dtype=dtype)
     rows = torch.randn(5, DIM)
     cache.insert(torch.arange(5), rows)
     got, hit = cache.query(torch.arange(5))
     assert hit.all() and got.dtype == torch.float32
-    torch.testing.assert_close(got, rows.half().float(), rtol=0, atol=0)
+    torch.testing.assert_close(got, rows.to(dtype).float(), rtol=0, atol=0)
 
 
 @settings(max_examples=40, deadline=None)

@@ -19,6 +19,7 @@ from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps import _hashmap as hm
 from recserve.ps.dram import HUGE_PAGES_MIN_BYTES, DramTableHandle, DramTier
 from tests.conftest import rows_for
+from tests.ps.test_rows import cast_through
 
 DIM = 4
 
@@ -232,16 +233,18 @@ def test_random_eviction_keeps_latest_rows_within_capacity(shm_dir: Path, ops: l
         tier.close()
 
 
-def test_float16_rows_are_stored_half_and_returned_float32(shm_dir: Path) -> None:
-    tier = make_tier(shm_dir, "evict_lru", 2, 32, 0.8, dtype="float16")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_rows_are_stored_in_2_bytes_and_returned_float32(shm_dir: Path, dtype: str) -> None:
+    tier = make_tier(shm_dir, "evict_lru", 2, 32, 0.8, dtype=dtype)
     try:
         keys = np.arange(10, dtype=np.int64)
         rows = np.random.default_rng(0).normal(size=(10, DIM)).astype(np.float32)
         tier.insert("t", keys, rows)
         result = tier.lookup("t", keys)
         assert result.rows.dtype == np.float32 and result.found.all()
-        np.testing.assert_array_equal(result.rows, rows.astype(np.float16).astype(np.float32))
-        assert tier.table("t").handle.words == hm.RECORD_HEADER_WORDS + 1  # 4 halves fill one word
+        np.testing.assert_array_equal(result.rows, cast_through(rows, dtype))
+        assert not np.array_equal(result.rows, rows)  # rounded: the rows are not kept as float32 somewhere
+        assert tier.table("t").handle.words == hm.RECORD_HEADER_WORDS + 1  # 4 values of 2 bytes fill one word
     finally:
         tier.close()
 

@@ -14,6 +14,7 @@ from recserve.config import RocksTierConfig
 from recserve.errors import ConfigError, NotFoundError, TierUnavailableError
 from recserve.ps.rocks import RocksTier, encode_keys
 from tests.conftest import make_table, rows_for
+from tests.ps.test_rows import cast_through
 
 DIM = 8
 
@@ -54,6 +55,25 @@ def test_import_swaps_column_families_and_leaves_no_orphans(tmp_path: Path) -> N
 
     assert [cf for cf in rocksdict.Rdict.list_cf(str(tmp_path)) if cf.startswith("t.")] == ["t.t.2"]
     assert not list(tmp_path.glob("import-*"))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_rows_round_trip_through_import_insert_lookup_and_export(tmp_path: Path, dtype: str) -> None:
+    config = RocksTierConfig(path=tmp_path, block_cache_bytes=8 << 20)
+    tier = RocksTier(config, [make_table(dim=DIM, dtype=dtype)])
+    rows = np.random.default_rng(1).normal(size=(6, DIM)).astype(np.float32)
+    tier.import_table("t", np.arange(4, dtype=np.int64), rows[:4])
+    tier.insert("t", np.array([9, 2], dtype=np.int64), rows[4:])
+    expected = cast_through(rows[[0, 1, 5, 3, 4]], dtype)  # key 2 rewritten by the insert
+    result = tier.lookup("t", np.array([0, 1, 2, 3, 9, 7], dtype=np.int64))
+    assert result.found.tolist() == [True] * 5 + [False]
+    np.testing.assert_array_equal(result.rows[:5], expected)
+    keys, exported = tier.export_table("t")
+    assert keys.tolist() == [0, 1, 2, 3, 9] and exported.dtype == np.float32 and exported.flags.writeable
+    np.testing.assert_array_equal(exported, expected)
+    tier.close()
+    with pytest.raises(ConfigError, match=f"holds dim 8 {dtype}, the config says dim 8 float32"):
+        open_tier(tmp_path)
 
 
 def test_reopening_with_another_dim_is_a_config_error(tmp_path: Path) -> None:

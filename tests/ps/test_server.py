@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps.server import HierarchicalPS
 from tests.conftest import make_ps_config, make_table, replay_against_dict, rows_for
+from tests.ps.test_rows import cast_through
 
 DIM = 8
 
@@ -136,11 +137,12 @@ def test_ps_behaves_like_a_dict(tmp_path_factory: pytest.TempPathFactory, ops: l
         replay_against_dict(ps, "t", ops, DIM)
 
 
-def test_float16_tables_store_half_in_both_tiers_and_return_float32(tmp_path: Path) -> None:
-    config = make_ps_config(tmp_path / "s", [make_table(dtype="float16", dram_capacity_rows=8)], partitions=2)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_tables_store_2_bytes_in_both_tiers_and_return_float32(tmp_path: Path, dtype: str) -> None:
+    config = make_ps_config(tmp_path / "s", [make_table(dtype=dtype, dram_capacity_rows=8)], partitions=2)
     keys = np.arange(40, dtype=np.int64)
     rows = np.random.default_rng(0).normal(size=(40, DIM)).astype(np.float32)
-    expected = rows.astype(np.float16).astype(np.float32)
+    expected = cast_through(rows, dtype)
     with HierarchicalPS.from_config(config) as ps:
         ps.import_table("t", keys, rows)
         for _ in range(2):  # first from RocksDB, then partly from DRAM after promotion
@@ -251,9 +253,12 @@ def test_pooled_lookups_equal_pooling_a_dicts_rows(tmp_path_factory: pytest.Temp
 
 
 # Eight tables pooled in one call (ONE_CALL_MIN_TABLES and up): six float32 tables with room for their keys
-# (the DRAM tier's one compiled call), one too small for a batch (deduplicated on its own) and one float16.
+# (the DRAM tier's one compiled call), one too small for a batch (deduplicated on its own), one float16 and one
+# bfloat16.
 MANY_TABLES = [make_table(f"m{i}", dram_capacity_rows=1000) for i in range(6)] + [
-    make_table("small", dram_capacity_rows=6), make_table("half", dtype="float16", dram_capacity_rows=1000)]
+    make_table("small", dram_capacity_rows=6), make_table("half", dtype="float16", dram_capacity_rows=1000),
+    make_table("brain", dtype="bfloat16", dram_capacity_rows=1000)]
+DTYPES = {t.name: t.dtype for t in MANY_TABLES}
 many_ops = st.tuples(
     st.sampled_from(["insert", "update", "evict", "pool"]),
     st.sampled_from([t.name for t in MANY_TABLES]),  # the table written or evicted
@@ -281,8 +286,7 @@ def test_pooling_many_tables_in_one_call_equals_pooling_a_dicts_rows(tmp_path_fa
             written = np.asarray(keys[0], dtype=np.int64)
             if kind in ("insert", "update") and written.size:
                 rows = rows_for(written, DIM, version=step)
-                if table == "half":  # what a float16 table gives back
-                    rows = rows.astype(np.float16).astype(np.float32)
+                rows = cast_through(rows, DTYPES[table])  # what a 16-bit table gives back
                 getattr(ps, kind)(table, written, rows)
                 reference[table].update(zip(keys[0], rows, strict=True))
             elif kind == "evict":
@@ -293,7 +297,7 @@ def test_pooling_many_tables_in_one_call_equals_pooling_a_dicts_rows(tmp_path_fa
             pooled = ps.lookup_pooled_tables(names, asked, offsets, mode)
             for name, k, o, got in zip(names, keys, offsets, pooled, strict=True):
                 expected = pool_reference(reference[name], k, o, mode, zeros)
-                np.testing.assert_allclose(got, expected, rtol=1e-3 if name == "half" else 1e-6)
+                np.testing.assert_allclose(got, expected, rtol=1e-6 if DTYPES[name] == "float32" else 1e-3)
                 after = ps.stats().tables[name]
                 assert (after.lookups - before[name].lookups, after.keys - before[name].keys) == (1, len(k))
 
@@ -340,8 +344,9 @@ def test_pooled_lookups_match_embedding_bag_over_the_rows(tmp_path: Path, dram: 
             assert ps.stats().tables["t"].tiers["dram"].hits >= int((asked < 3000).sum())
 
 
-def test_float16_tables_pool_their_float32_rows(tmp_path: Path) -> None:
-    config = make_ps_config(tmp_path / "s", [make_table(dtype="float16", dram_capacity_rows=8)], partitions=2)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_tables_pool_their_float32_rows(tmp_path: Path, dtype: str) -> None:
+    config = make_ps_config(tmp_path / "s", [make_table(dtype=dtype, dram_capacity_rows=8)], partitions=2)
     keys = np.arange(40, dtype=np.int64)
     rows = np.random.default_rng(0).normal(size=(40, DIM)).astype(np.float32)
     with HierarchicalPS.from_config(config) as ps:

@@ -446,7 +446,7 @@ def cache_rows(table: TableConfig, config: DeviceCacheConfig, dram: DramTierConf
 
 def build_cache(table: TableConfig, config: DeviceCacheConfig, num_rows: int) -> ShardedCache:
     """A table's cache over the configured devices: each shard gets its part (or all, replicated)."""
-    dtype = torch.float16 if table.dtype == "float16" else torch.float32
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[table.dtype]
     devices = [resolve_device(d) for d in config.devices]
     per_shard = num_rows if config.replicate else -(-num_rows // len(devices))
     shards: list[Cache] = [

@@ -27,12 +27,13 @@ import numba
 import numpy as np
 from numba import typed
 
-from recserve.config import DramTierConfig, TableConfig, capacity_rows
+from recserve.config import DramTierConfig, RowDtype, TableConfig, capacity_rows
 from recserve.errors import NotFoundError
 from recserve.ps import _hashmap as hm
 from recserve.ps._shm import collapse_to_huge_pages, map_file, whole_huge_pages
 from recserve.ps.keys import unique_inverse
 from recserve.ps.pooling import add_to_bags, pool
+from recserve.ps.rows import STORAGE_DTYPE, row_bytes, to_float32, to_storage
 from recserve.ps.tiers import LookupResult, PooledResult, TierTableStats, check_rows
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ _NO_POSITIONS = np.empty(0, dtype=np.int64)
 # Tables smaller than this stay on 4 KiB pages: the TLB covers most of them anyway, and a huge page would commit
 # up to 2 MiB of memory for a table of a few rows.
 HUGE_PAGES_MIN_BYTES = 16 << 20
-_STORAGE_DTYPE = {"float32": np.float32, "float16": np.uint16}  # float16 travels as its bits through numba
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ class DramTableHandle:
     path: str  # shared-memory file; "" for memory private to the creating process
     name: str
     dim: int
-    dtype: str
+    dtype: RowDtype
     num_partitions: int
     num_slots: int  # index slots per partition, a power of two >= 2 x capacity
     capacity: int  # rows per partition
@@ -76,8 +76,7 @@ class DramTableHandle:
     @property
     def words(self) -> int:
         """int64 words per record: header, then the values padded to 8 bytes."""
-        itemsize = np.dtype(self.dtype).itemsize
-        return hm.RECORD_HEADER_WORDS + math.ceil(self.dim * itemsize / 8)
+        return hm.RECORD_HEADER_WORDS + math.ceil(row_bytes(self.dtype, self.dim) / 8)
 
     def sizes(self) -> dict[str, int]:
         """int64 words of each array, in file order."""
@@ -148,7 +147,7 @@ class DramTable:
         self.slots = arrays["slots"]
         self.free = arrays["free"]
         self.rec = arrays["rec"]
-        storage = np.dtype(_STORAGE_DTYPE[handle.dtype])
+        storage = STORAGE_DTYPE[handle.dtype]
         self.values = self.rec.view(storage).reshape(-1, handle.words * 8 // storage.itemsize)
         self._offset = hm.RECORD_HEADER_WORDS * 8 // storage.itemsize
         self._storage = storage
@@ -181,7 +180,7 @@ class DramTable:
             hm.lookup_kernel(*args, numba.get_num_threads())
         else:
             hm.lookup_kernel_serial(*args)
-        return LookupResult(rows=self._to_float32(out), found=found)
+        return LookupResult(rows=to_float32(out, h.dtype), found=found)
 
     @property
     def max_fused_keys(self) -> int:
@@ -243,7 +242,7 @@ class DramTable:
         With `unless_updated_since`, writes nothing (returns None) if a write began after that token.
         """
         h = self.handle
-        stored = self._to_storage(rows)
+        stored = to_storage(rows, self.handle.dtype)
         order, starts = self._group_by_partition(keys)
         status = np.empty(keys.size, dtype=np.int8)
         with self._write_lock():
@@ -308,15 +307,6 @@ class DramTable:
         np.cumsum(counts, out=starts[1:])
         return order, starts
 
-    def _to_storage(self, rows: np.ndarray) -> np.ndarray:
-        if self.handle.dtype == "float16":
-            return np.ascontiguousarray(rows, dtype=np.float16).view(np.uint16)
-        return np.ascontiguousarray(rows, dtype=np.float32)
-
-    def _to_float32(self, out: np.ndarray) -> np.ndarray:
-        if self.handle.dtype == "float16":
-            return out.view(np.float16).astype(np.float32)
-        return out
 
 
 class _TableWriteLock:

@@ -1,7 +1,8 @@
 """The persistent tier: RocksDB through rocksdict, one column family per table, the full copy of the model.
 
 Keys are stored as 8 big-endian bytes with the sign bit flipped, so RocksDB's byte order is numeric order
-(SST files must be written in sorted order); values are the raw row bytes in the table's dtype.
+(SST files must be written in sorted order); values are the raw row bytes in the table's dtype (16-bit rows as
+their bits, `ps/rows.py`).
 
 A catalog in the default column family maps each table to its current column family ("t.<table>.<gen>").
 Imports write SST files, ingest them into a *new* column family, and only then repoint the catalog and drop
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from recserve.config import RocksTierConfig, TableConfig
+from recserve.config import RocksTierConfig, RowDtype, TableConfig
 from recserve.errors import ConfigError, NotFoundError, TierUnavailableError
+from recserve.ps.rows import from_bytes, row_bytes, to_storage
 from recserve.ps.tiers import LookupResult, TierTableStats, check_rows
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def encode_keys(keys: np.ndarray) -> list[bytes]:
 class CatalogEntry:
     column_family: str
     dim: int
-    dtype: str
+    dtype: RowDtype
     generation: int
     imported_rows: int
 
@@ -105,8 +107,7 @@ class RocksTier:
 
     def lookup(self, table: str, keys: np.ndarray) -> LookupResult:
         family, entry = self._family(table)
-        dtype = np.dtype(entry.dtype)
-        row_bytes = entry.dim * dtype.itemsize
+        size = row_bytes(entry.dtype, entry.dim)
         rows = np.zeros((keys.size, entry.dim), dtype=np.float32)
         found = np.zeros(keys.size, dtype=np.bool_)
         step = self._config.max_get_batch_size
@@ -120,10 +121,10 @@ class RocksTier:
             hit = np.fromiter((v is not None for v in values), dtype=np.bool_, count=len(values))
             present = values if hit.all() else [v for v in values if v is not None]
             raw = b"".join(present)
-            if len(raw) != len(present) * row_bytes:
-                raise TierUnavailableError("rocksdb", f"table '{table}': stored rows are not {row_bytes} bytes")
+            if len(raw) != len(present) * size:
+                raise TierUnavailableError("rocksdb", f"table '{table}': stored rows are not {size} bytes")
             idx = order[np.flatnonzero(hit) + start]
-            rows[idx] = np.frombuffer(raw, dtype=dtype).reshape(-1, entry.dim)
+            rows[idx] = from_bytes(raw, entry.dtype, entry.dim)
             found[idx] = True
         return LookupResult(rows=rows, found=found)
 
@@ -132,11 +133,11 @@ class RocksTier:
         """Write rows; the persistent tier is the source of truth, so no token ever holds a write back."""
         _, entry = self._family(table)
         check_rows(table, rows, keys.size, entry.dim)
-        data = np.ascontiguousarray(rows, dtype=entry.dtype).tobytes()
-        row_bytes = entry.dim * np.dtype(entry.dtype).itemsize
+        data = to_storage(rows, entry.dtype).tobytes()
+        size = row_bytes(entry.dtype, entry.dim)
         batch = self._batch_for(entry)
         for i, key in enumerate(encode_keys(keys)):
-            batch.put(key, data[i * row_bytes : (i + 1) * row_bytes])
+            batch.put(key, data[i * size : (i + 1) * size])
         self._write(batch)
 
     def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
@@ -181,8 +182,8 @@ class RocksTier:
             raw_keys.append(key)
             raw_rows.append(value)
         keys = np.frombuffer(b"".join(raw_keys), dtype=">u8").astype(np.uint64) ^ _SIGN
-        rows = np.frombuffer(b"".join(raw_rows), dtype=entry.dtype).reshape(-1, entry.dim)
-        return keys.view(np.int64), rows.astype(np.float32)
+        rows = from_bytes(b"".join(raw_rows), entry.dtype, entry.dim)
+        return keys.view(np.int64), np.require(rows, requirements="W")  # float32 rows are a view of the bytes
 
     # --- bulk import ---
 
@@ -231,20 +232,20 @@ class RocksTier:
         progress: Callable[[int], None] | None,
     ) -> list[Path]:
         order = np.argsort(keys, kind="stable")
-        row_bytes = entry.dim * np.dtype(entry.dtype).itemsize
+        size = row_bytes(entry.dtype, entry.dim)
         files = []
         for start in range(0, keys.size, SST_ROWS):
             chunk = order[start : start + SST_ROWS]
             # fancy-index the (possibly memory-mapped) rows in ascending file order, then reorder by key
             by_position = np.sort(chunk)
-            block = np.asarray(rows[by_position], dtype=entry.dtype)
+            block = to_storage(rows[by_position], entry.dtype)
             block = block[np.searchsorted(by_position, chunk)]
             data = block.tobytes()
             path = staging / f"{start // SST_ROWS:06d}.sst"
             writer = self._rd.SstFileWriter(options=self._options())
             writer.open(str(path))
             for i, key in enumerate(encode_keys(keys[chunk])):
-                writer[key] = data[i * row_bytes : (i + 1) * row_bytes]
+                writer[key] = data[i * size : (i + 1) * size]
             writer.finish()
             files.append(path)
             if progress:
