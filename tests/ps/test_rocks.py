@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from recserve.config import RocksTierConfig
-from recserve.errors import ConfigError, NotFoundError, TierUnavailableError
+from recserve.errors import ConfigError, InvalidInputError, NotFoundError, TierUnavailableError
+from recserve.ps import rocks
 from recserve.ps.rocks import RocksTier, encode_keys
 from tests.conftest import make_table, rows_for
 from tests.ps.test_rows import cast_through
@@ -74,6 +75,25 @@ def test_16_bit_rows_round_trip_through_import_insert_lookup_and_export(tmp_path
     tier.close()
     with pytest.raises(ConfigError, match=f"holds dim 8 {dtype}, the config says dim 8 float32"):
         open_tier(tmp_path)
+
+
+def test_an_import_with_a_value_beyond_float16_is_refused_and_leaves_the_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(rocks, "SST_ROWS", 2)  # files of 2 rows each, taken in key order
+    config = RocksTierConfig(path=tmp_path, block_cache_bytes=8 << 20)
+    tier = RocksTier(config, [make_table(dim=DIM, dtype="float16")])
+    keys = np.arange(5, dtype=np.int64)
+    tier.import_table("t", keys, rows_for(keys, DIM))
+    rows = rows_for(keys, DIM, version=1)
+    rows[3, 2] = 1e6
+    # passed in reverse: the value sits in row 1 of what was passed, the first row of the second file's block
+    with pytest.raises(InvalidInputError, match=r"table 't': row 1, column 2 holds 1e\+06, beyond the range"):
+        tier.import_table("t", keys[::-1].copy(), rows[::-1].copy())
+    np.testing.assert_array_equal(tier.lookup("t", keys).rows, cast_through(rows_for(keys, DIM), "float16"))
+    tier.close()
+    import rocksdict
+
+    assert [cf for cf in rocksdict.Rdict.list_cf(str(tmp_path)) if cf.startswith("t.")] == ["t.t.1"]
 
 
 def test_reopening_with_another_dim_is_a_config_error(tmp_path: Path) -> None:

@@ -152,6 +152,20 @@ def test_16_bit_tables_store_2_bytes_in_both_tiers_and_return_float32(tmp_path: 
         assert ps.stats().tables["t"].tiers["dram"].hits > 0
 
 
+def test_a_write_beyond_float16_is_refused_before_either_tier_changes(tmp_path: Path) -> None:
+    config = make_ps_config(tmp_path / "s", [make_table(dtype="float16", dram_capacity_rows=8)], partitions=2)
+    keys = np.arange(4, dtype=np.int64)
+    with HierarchicalPS.from_config(config) as ps:
+        ps.insert("t", keys, rows_for(keys, DIM))
+        too_big = rows_for(keys, DIM, version=1)
+        too_big[2, 0] = -7e4
+        for write in (ps.insert, ps.update):
+            with pytest.raises(InvalidInputError, match="table 't': row 2, column 0 holds -70000, beyond the range"):
+                write("t", keys, too_big)
+            for tier in ps.tiers:  # RocksDB (written first) and the DRAM tier both hold the old rows
+                np.testing.assert_array_equal(tier.lookup("t", keys).rows, cast_through(rows_for(keys, DIM), "float16"))
+
+
 def test_a_promotion_never_lands_over_a_newer_update(ps: HierarchicalPS) -> None:
     keys = np.arange(4, dtype=np.int64)
     ps.import_table("t", keys, rows_for(keys, DIM, version=1))

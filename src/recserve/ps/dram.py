@@ -242,7 +242,7 @@ class DramTable:
         With `unless_updated_since`, writes nothing (returns None) if a write began after that token.
         """
         h = self.handle
-        stored = to_storage(rows, self.handle.dtype)
+        stored = to_storage(rows, h.dtype, h.name)
         order, starts = self._group_by_partition(keys)
         status = np.empty(keys.size, dtype=np.int8)
         with self._write_lock():

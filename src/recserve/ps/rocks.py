@@ -133,7 +133,7 @@ class RocksTier:
         """Write rows; the persistent tier is the source of truth, so no token ever holds a write back."""
         _, entry = self._family(table)
         check_rows(table, rows, keys.size, entry.dim)
-        data = to_storage(rows, entry.dtype).tobytes()
+        data = to_storage(rows, entry.dtype, table).tobytes()
         size = row_bytes(entry.dtype, entry.dim)
         batch = self._batch_for(entry)
         for i, key in enumerate(encode_keys(keys)):
@@ -209,7 +209,7 @@ class RocksTier:
         family = None
         try:
             family = self._db.create_column_family(entry.column_family, self._options())
-            files = self._write_ssts(staging, keys, rows, entry, progress)
+            files = self._write_ssts(staging, table, keys, rows, entry, progress)
             if files:
                 ingest = self._rd.IngestExternalFileOptions()
                 ingest.set_move_files(True)
@@ -228,7 +228,7 @@ class RocksTier:
         return int(keys.size)
 
     def _write_ssts(
-        self, staging: Path, keys: np.ndarray, rows: np.ndarray, entry: CatalogEntry,
+        self, staging: Path, table: str, keys: np.ndarray, rows: np.ndarray, entry: CatalogEntry,
         progress: Callable[[int], None] | None,
     ) -> list[Path]:
         order = np.argsort(keys, kind="stable")
@@ -238,7 +238,7 @@ class RocksTier:
             chunk = order[start : start + SST_ROWS]
             # fancy-index the (possibly memory-mapped) rows in ascending file order, then reorder by key
             by_position = np.sort(chunk)
-            block = to_storage(rows[by_position], entry.dtype)
+            block = to_storage(rows[by_position], entry.dtype, table, by_position)
             block = block[np.searchsorted(by_position, chunk)]
             data = block.tobytes()
             path = staging / f"{start // SST_ROWS:06d}.sst"

@@ -11,24 +11,51 @@ import numpy as np
 import torch
 
 from recserve.config import RowDtype
+from recserve.errors import InvalidInputError
 
 STORAGE_DTYPE: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32), "float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.uint16),
 }
+_INFINITY_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}  # exponent all ones, mantissa zero (sign masked off)
+_LARGEST = {"float16": float(np.finfo(np.float16).max), "bfloat16": float(torch.finfo(torch.bfloat16).max)}
 
 
 def row_bytes(dtype: RowDtype, dim: int) -> int:
     return dim * STORAGE_DTYPE[dtype].itemsize
 
 
-def to_storage(rows: np.ndarray, dtype: RowDtype) -> np.ndarray:
-    """rows (any float dtype) as a contiguous array of the stored values or bits."""
+def to_storage(rows: np.ndarray, dtype: RowDtype, table: str, row_numbers: np.ndarray | None = None
+               ) -> np.ndarray:
+    """rows [n, dim] (any float dtype) as a contiguous array of the stored values or bits.
+
+    A finite value that a 16-bit dtype cannot hold is refused: a cast would store infinity, a row silently
+    corrupted. The error names the row, as row_numbers[i] for rows[i] when given (rows picked out of a larger
+    array)."""
     if dtype == "float32":
         return np.ascontiguousarray(rows, dtype=np.float32)
     if dtype == "float16":
-        return np.ascontiguousarray(rows, dtype=np.float16).view(np.uint16)
-    wide = torch.from_numpy(np.array(rows, dtype=np.float32, order="C", copy=True))  # a copy torch may own
-    return wide.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        with np.errstate(over="ignore"):  # checked below, and named
+            stored = np.ascontiguousarray(rows, dtype=np.float16).view(np.uint16)
+    else:
+        wide = torch.from_numpy(np.array(rows, dtype=np.float32, order="C", copy=True))  # torch may own it
+        stored = wide.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    _refuse_overflow(np.asarray(rows), stored, dtype, table, row_numbers)
+    return stored
+
+
+def _refuse_overflow(rows: np.ndarray, stored: np.ndarray, dtype: RowDtype, table: str,
+                     row_numbers: np.ndarray | None) -> None:
+    infinite = (stored & 0x7FFF) == _INFINITY_BITS[dtype]
+    if not infinite.any():  # the common case costs this one pass over the stored bits
+        return
+    overflowed = np.argwhere(infinite & np.isfinite(rows))
+    if overflowed.size:
+        row, column = (int(i) for i in overflowed[0])
+        named = row if row_numbers is None else int(row_numbers[row])
+        raise InvalidInputError(
+            f"table '{table}': row {named}, column {column} holds {float(rows[row, column]):g}, beyond the range "
+            f"of {dtype} (largest {_LARGEST[dtype]:g}); {len(overflowed)} value(s) in all"
+        )
 
 
 def to_float32(stored: np.ndarray, dtype: RowDtype) -> np.ndarray:
