@@ -43,9 +43,10 @@ def test_the_round_trip_equals_a_cast_there_and_back_or_refuses_an_overflow(dtyp
     np.testing.assert_array_equal(back, expected)  # NaN where NaN, signed zeros, infinities sent as such
 
 
-@pytest.mark.parametrize(("dtype", "value"), [("float16", 7e4), ("float16", -1e5), ("bfloat16", 3.4e38)])
+@pytest.mark.parametrize(("dtype", "value"), [
+    ("float16", 7e4), ("float16", -1e5), ("bfloat16", 3.4e38), ("bfloat16", 1e39), ("float32", -1e39)])
 def test_a_value_beyond_the_dtype_is_named_with_its_row(dtype: str, value: float) -> None:
-    rows = np.zeros((4, 3), dtype=np.float32)
+    rows = np.zeros((4, 3), dtype=np.float64)  # float64 rows, as a user's arrays often are
     rows[2, 1] = value
     rows[3, 0] = np.inf  # an infinity sent is stored as one
     message = re.escape(f"table 'u': row 12, column 1 holds {value:g}, beyond the range of {dtype} (largest ")

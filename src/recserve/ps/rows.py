@@ -17,7 +17,8 @@ STORAGE_DTYPE: dict[str, np.dtype] = {
     "float32": np.dtype(np.float32), "float16": np.dtype(np.uint16), "bfloat16": np.dtype(np.uint16),
 }
 _INFINITY_BITS = {"float16": 0x7C00, "bfloat16": 0x7F80}  # exponent all ones, mantissa zero (sign masked off)
-_LARGEST = {"float16": float(np.finfo(np.float16).max), "bfloat16": float(torch.finfo(torch.bfloat16).max)}
+_LARGEST = {"float32": float(np.finfo(np.float32).max), "float16": float(np.finfo(np.float16).max),
+            "bfloat16": float(torch.finfo(torch.bfloat16).max)}
 
 
 def row_bytes(dtype: RowDtype, dim: int) -> int:
@@ -28,25 +29,28 @@ def to_storage(rows: np.ndarray, dtype: RowDtype, table: str, row_numbers: np.nd
                ) -> np.ndarray:
     """rows [n, dim] (any float dtype) as a contiguous array of the stored values or bits.
 
-    A finite value that a 16-bit dtype cannot hold is refused: a cast would store infinity, a row silently
+    A finite value that the dtype cannot hold is refused: a cast would store infinity, a row silently
     corrupted. The error names the row, as row_numbers[i] for rows[i] when given (rows picked out of a larger
     array)."""
-    if dtype == "float32":
-        return np.ascontiguousarray(rows, dtype=np.float32)
-    if dtype == "float16":
-        with np.errstate(over="ignore"):  # checked below, and named
+    rows = np.asarray(rows)
+    with np.errstate(over="ignore"):  # checked below, and named
+        if dtype == "float32":
+            stored = np.ascontiguousarray(rows, dtype=np.float32)
+            if rows.dtype.itemsize > 4:  # only a wider float can overflow float32
+                _refuse_overflow(rows, np.isinf(stored), dtype, table, row_numbers)
+            return stored
+        if dtype == "float16":
             stored = np.ascontiguousarray(rows, dtype=np.float16).view(np.uint16)
-    else:
-        wide = torch.from_numpy(np.array(rows, dtype=np.float32, order="C", copy=True))  # torch may own it
-        stored = wide.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    _refuse_overflow(np.asarray(rows), stored, dtype, table, row_numbers)
+        else:
+            wide = torch.from_numpy(np.array(rows, dtype=np.float32, order="C", copy=True))  # torch may own it
+            stored = wide.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    _refuse_overflow(rows, (stored & 0x7FFF) == _INFINITY_BITS[dtype], dtype, table, row_numbers)
     return stored
 
 
-def _refuse_overflow(rows: np.ndarray, stored: np.ndarray, dtype: RowDtype, table: str,
+def _refuse_overflow(rows: np.ndarray, infinite: np.ndarray, dtype: RowDtype, table: str,
                      row_numbers: np.ndarray | None) -> None:
-    infinite = (stored & 0x7FFF) == _INFINITY_BITS[dtype]
-    if not infinite.any():  # the common case costs this one pass over the stored bits
+    if not infinite.any():  # the common case costs this one pass
         return
     overflowed = np.argwhere(infinite & np.isfinite(rows))
     if overflowed.size:
