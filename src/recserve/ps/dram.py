@@ -308,7 +308,6 @@ class DramTable:
         return order, starts
 
 
-
 class _TableWriteLock:
     """Excludes other threads (thread lock) and other processes (flock, when shared) from writing one table."""
 

@@ -33,6 +33,8 @@ def to_storage(rows: np.ndarray, dtype: RowDtype, table: str, row_numbers: np.nd
     corrupted. The error names the row, as row_numbers[i] for rows[i] when given (rows picked out of a larger
     array)."""
     rows = np.asarray(rows)
+    if dtype == "float32" and rows.dtype == np.float32:  # the common case: nothing to convert or check
+        return np.ascontiguousarray(rows)
     with np.errstate(over="ignore"):  # checked below, and named
         if dtype == "float32":
             stored = np.ascontiguousarray(rows, dtype=np.float32)
