@@ -62,14 +62,15 @@ def ps(tmp_path: Path) -> Iterator[HierarchicalPS]:
         yield server
 
 
-def reference_model(folder: Path) -> tuple:  # -> (RecModel, HierarchicalPS)
-    """The model of a repository folder loaded in-process (private DRAM tier, no workers): the scores a served
-    model must reproduce."""
+def reference_model(folder: Path, dtype: str = "float32") -> tuple:  # -> (RecModel, HierarchicalPS)
+    """The model of a repository folder loaded in-process (private DRAM tier, no workers, rows stored as dtype):
+    the scores a served model must reproduce."""
     from recserve.models import table_configs
     from recserve.models.checkpoint import checkpoint_spec, load_checkpoint
 
     spec = checkpoint_spec(folder)
-    config = PSConfig(tables=table_configs(spec), dram=DramTierConfig(num_partitions=2, shared_memory=False),
+    tables = table_configs(spec, dtype=dtype)  # type: ignore[arg-type]
+    config = PSConfig(tables=tables, dram=DramTierConfig(num_partitions=2, shared_memory=False),
                       rocksdb=RocksTierConfig(enabled=False))
     ps = HierarchicalPS.from_config(config)
     return load_checkpoint(folder, ps), ps

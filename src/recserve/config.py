@@ -275,6 +275,10 @@ class ServingConfig(StrictModel):
     dram_fraction: float = Field(
         1.0, gt=0.0, le=1.0, description="DRAM tier capacity per table, as a fraction of the table's rows."
     )
+    table_dtype: RowDtype = Field(
+        "float32", description="How the parameter server stores every table's rows: float16 or bfloat16 halve "
+        "its memory, the checkpoint's float32 rows rounded on import (and the scores with them).",
+    )
     max_items: int = Field(65_536, gt=0, description="Items per query, at most (bigger queries: 400).")
 
 

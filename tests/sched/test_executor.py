@@ -26,8 +26,8 @@ SERVING = {"scheduler": {"batch_size": 8, "num_workers": 1, "latency_target_ms":
            "dram": {"num_partitions": 2}}
 
 
-def scores_in_process(folder: Path, dense: torch.Tensor, sparse: object) -> np.ndarray:
-    model, ps = reference_model(folder)
+def scores_in_process(folder: Path, dense: torch.Tensor, sparse: object, dtype: str = "float32") -> np.ndarray:
+    model, ps = reference_model(folder, dtype)
     with ps, torch.inference_mode():
         return model(dense, sparse).numpy()
 
@@ -328,6 +328,24 @@ def test_misses_are_read_from_rocksdb_through_the_owner(tmp_path: Path) -> None:
             time.sleep(0.1)
         assert sum(c.hits.get("rocksdb", 0) for c in counts.values()) > 0
         assert all(c.not_found == 0 for c in counts.values())
+    finally:
+        served.close()
+
+
+def test_tables_stored_as_bfloat16_serve_the_model_with_rounded_rows(tmp_path: Path) -> None:
+    folder = tmp_path / "rmc1"
+    write_model_folder(folder, "rmc1", seed=5, serving={**SERVING, "table_dtype": "bfloat16"})
+    served = load_model(folder)
+    try:
+        dram = served.ps.tiers[0]
+        assert {dram.table(name).handle.dtype for name in served.ps.tables} == {"bfloat16"}
+        query = QueryGenerator(served.signature.spec, seed=6).query(20)
+        scores = served.executor.submit(query.dense.numpy(), query.sparse).result(60).scores
+        rounded = scores_in_process(folder, query.dense, query.sparse, "bfloat16")
+        exact = scores_in_process(folder, query.dense, query.sparse)
+        np.testing.assert_allclose(scores, rounded, rtol=1e-5, atol=1e-6)  # the workers read bfloat16 rows
+        assert not np.allclose(scores, exact, rtol=1e-5, atol=1e-6)  # ... which are not the float32 ones
+        np.testing.assert_allclose(scores, exact, rtol=0.05, atol=0.01)  # ... but near them
     finally:
         served.close()
 

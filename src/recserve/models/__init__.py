@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from recserve.config import TableConfig
+from recserve.config import RowDtype, TableConfig
 from recserve.errors import NotFoundError
 from recserve.models.embedding import LocalEmbedding, PooledEmbedding
 from recserve.models.networks import NETWORKS, RecModel
@@ -30,10 +30,11 @@ def build_model(spec: ModelSpec, ps: HierarchicalPS | None = None, seed: int = 0
     return NETWORKS[spec.kind](spec, embedding).eval()
 
 
-def table_configs(spec: ModelSpec, dram_fraction: float = 1.0) -> list[TableConfig]:
-    """PS table configs for a model's tables, the DRAM tier holding `dram_fraction` of each."""
+def table_configs(spec: ModelSpec, dram_fraction: float = 1.0, dtype: RowDtype = "float32") -> list[TableConfig]:
+    """PS table configs for a model's tables, rows stored as `dtype`, the DRAM tier holding `dram_fraction` of
+    each."""
     return [
-        TableConfig(name=t.name, dim=t.dim, dram_capacity_rows=max(1, int(t.rows * dram_fraction)))
+        TableConfig(name=t.name, dim=t.dim, dtype=dtype, dram_capacity_rows=max(1, int(t.rows * dram_fraction)))
         for t in spec.tables
     ]
 

@@ -204,7 +204,8 @@ def _parameter_server(folder: Path, spec: ModelSpec, config: ServingConfig) -> H
     rocksdb = config.rocksdb
     if not rocksdb.path.is_absolute():
         rocksdb = rocksdb.model_copy(update={"path": folder / rocksdb.path})
-    ps_config = PSConfig(tables=table_configs(spec, config.dram_fraction), dram=config.dram, rocksdb=rocksdb)
+    tables = table_configs(spec, config.dram_fraction, config.table_dtype)
+    ps_config = PSConfig(tables=tables, dram=config.dram, rocksdb=rocksdb)
     return HierarchicalPS.from_config(ps_config)
 
 
