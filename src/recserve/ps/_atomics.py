@@ -1,4 +1,5 @@
-"""Memory-ordering primitives (and a prefetch) for numba kernels that share arrays across threads and processes.
+"""Memory-ordering primitives (and a prefetch, and a bit cast) for numba kernels that share arrays across threads
+and processes.
 
 numba exposes no atomics on the CPU, so these emit the LLVM instructions directly. The seqlocks of the DRAM
 tier need exactly these: an acquire load and a release store of a version word, a full fence between
@@ -89,3 +90,15 @@ def prefetch(typingctx, array, index):
         return context.get_dummy_value()
 
     return types.void(array, types.intp), codegen
+
+
+@intrinsic
+def bfloat16_to_float32(typingctx, bits):
+    """The float32 whose upper half is these 16 bits (a bfloat16's value, exactly): numba has no bfloat16 type
+    and no scalar bit cast, and a 16-bit table's rows reach the kernels as their raw bits."""
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen

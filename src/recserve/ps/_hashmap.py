@@ -26,9 +26,18 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
-from recserve.ps._atomics import acquire_fence, fetch_add, load_acquire, prefetch, release_fence, store_release
+from recserve.ps._atomics import (
+    acquire_fence,
+    bfloat16_to_float32,
+    fetch_add,
+    load_acquire,
+    prefetch,
+    release_fence,
+    store_release,
+)
 
 # The default "workqueue" layer aborts when two threads enter parallel kernels at once; serving calls these
 # kernels from several worker threads, so ask for a thread-safe layer (OpenMP or TBB).
@@ -61,6 +70,19 @@ _M2 = np.uint64(0xC4CEB9FE1A85EC53)
 _S33 = np.uint64(33)
 _S32 = np.uint64(32)
 _LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def widen(value):
+    """A stored row value as float32, in a kernel: float32 as it is; uint16, the bits of a bfloat16 (a
+    float16 table's rows, also uint16, never reach the kernels that add rows: see `DramTable.max_fused_keys`)."""
+    raise NotImplementedError("widen runs inside numba kernels only")
+
+
+@overload(widen, inline="always")
+def _widen(value):
+    if value == types.uint16:
+        return lambda value: bfloat16_to_float32(value)
+    return lambda value: value
 
 
 @njit(inline="always", cache=True)
@@ -302,7 +324,7 @@ def add_record(rec, values, r, words, offset, key, out, b):
     owner = rec[np.uint64(head + R_KEY)]
     row, bag = np.uint64(r), np.uint64(b)
     for c in range(out.shape[1]):
-        out[bag, np.uint64(c)] += values[row, np.uint64(offset + c)]
+        out[bag, np.uint64(c)] += widen(values[row, np.uint64(offset + c)])
     acquire_fence()
     return load_acquire(rec, head + R_VERSION) == version and owner == key
 
@@ -318,7 +340,8 @@ def sum_bag_again(part, slots, rec, values, keys, offsets, out, found, b, num_sl
         found[j] = read_row(part, slots, rec, values, num_slots, words, offset, keys[j],
                             locate(part, slots, num_slots, keys[j]), row) >= 0
         if found[j]:
-            out[b, :] += row
+            for c in range(row.size):
+                out[b, c] += widen(row[c])
         missing += not found[j]
     return missing
 

@@ -190,8 +190,9 @@ class DramTable:
         # wins (RMC1 `full`, 20k keys of a query into 4M-row tables: 1.2x; one item's 80 keys: 2x). A batch
         # large next to its table repeats most keys, and reading each once wins by far (RMC1 `tiny`, 1,000-row
         # tables, 20k keys: 3x); so does a batch whose rows no longer stay in cache (80k keys into 4M rows in
-        # shared memory: 1.4x). The fused kernel also adds float32 rows only.
-        if h.dtype != "float32":
+        # shared memory: 1.4x). The fused kernel adds float32 and bfloat16 rows (widening a bfloat16 is a
+        # shift); numba has no float16, so float16 tables deduplicate first.
+        if h.dtype == "float16":
             return -1
         return min(FUSED_MAX_KEYS, h.capacity * h.num_partitions // DEDUPE_ABOVE_SHARE)
 
@@ -344,9 +345,10 @@ class DramTier:
         self._groups: dict[tuple[str, ...], _TableGroup] = {}  # tables pooled in one call, by their names
         # the most keys of a table that go into such a call: a batch for the fused kernel too small for its
         # parallel version
+        # (float32 tables only: the call takes every table's rows in one typed list, of one array type)
         self._one_call_limits = {
             name: limit for name, table in tables.items()
-            if (limit := min(hm.PARALLEL_MIN_KEYS - 1, table.max_fused_keys)) > 0
+            if table.handle.dtype == "float32" and (limit := min(hm.PARALLEL_MIN_KEYS - 1, table.max_fused_keys)) > 0
         }
 
     @classmethod
