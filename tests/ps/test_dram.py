@@ -523,6 +523,32 @@ def test_a_bag_whose_add_fails_its_check_is_summed_again(shm_dir: Path, dtype: s
         tier.close()
 
 
+def test_many_tables_pool_in_one_call_per_row_type(shm_dir: Path) -> None:
+    """float32 and bfloat16 tables each pool their small batches in one compiled call (a call's typed lists hold
+    one array type); a float16 table, which the fused kernel cannot add, deduplicates on its own."""
+    dtypes = {"a": "float32", "b": "bfloat16", "c": "float32", "d": "bfloat16", "e": "float16"}
+    configs = [TableConfig(name=n, dim=DIM, dtype=d, dram_capacity_rows=64) for n, d in dtypes.items()]
+    tier = DramTier.create(configs, DramTierConfig(num_partitions=2, shm_dir=shm_dir))
+    try:
+        stored = np.arange(20, dtype=np.int64)
+        for name in dtypes:
+            tier.insert(name, stored, rows_for(stored, DIM, version=ord(name)))
+        names = list(dtypes)
+        keys = [np.array([1, 7, 7, 30, 2], dtype=np.int64) + i for i in range(len(names))]
+        offsets = [np.array([0, 2, 5], dtype=np.int64)] * len(names)
+        results = tier.lookup_pooled_tables(names, keys, offsets)
+        assert set(tier._groups) == {("a", "c"), ("b", "d")}
+        for name, k, o, got in zip(names, keys, offsets, results, strict=True):
+            alone = tier.lookup_pooled(name, k, o)
+            np.testing.assert_array_equal(got.pooled, alone.pooled)
+            np.testing.assert_array_equal(got.missing, alone.missing)
+            expected = cast_through(rows_for(k, DIM, version=ord(name)), dtypes[name])
+            expected[~np.isin(k, stored)] = 0
+            np.testing.assert_allclose(got.pooled, [expected[:2].sum(0), expected[2:].sum(0)], rtol=1e-6)
+    finally:
+        tier.close()
+
+
 def _pmd_mapped_bytes(array: np.ndarray) -> int:
     """Bytes of the mapping holding `array` that this process maps with 2 MiB page-table entries."""
     address = array.__array_interface__["data"][0]

@@ -345,11 +345,14 @@ class DramTier:
         self._groups: dict[tuple[str, ...], _TableGroup] = {}  # tables pooled in one call, by their names
         # the most keys of a table that go into such a call: a batch for the fused kernel too small for its
         # parallel version
-        # (float32 tables only: the call takes every table's rows in one typed list, of one array type)
         self._one_call_limits = {
             name: limit for name, table in tables.items()
-            if table.handle.dtype == "float32" and (limit := min(hm.PARALLEL_MIN_KEYS - 1, table.max_fused_keys)) > 0
+            if (limit := min(hm.PARALLEL_MIN_KEYS - 1, table.max_fused_keys)) > 0
         }
+        # A call takes every table's rows in one typed list, of one array type: float32 and bfloat16 tables go
+        # in separate calls. Known here, so that a tier of one row type (the usual) pays nothing per query.
+        self._one_call_dtypes = {name: tables[name].handle.dtype for name in self._one_call_limits}
+        self._mixed_dtypes = len(set(self._one_call_dtypes.values())) > 1
 
     @classmethod
     def create(cls, tables: list[TableConfig], config: DramTierConfig) -> DramTier:
@@ -393,14 +396,18 @@ class DramTier:
         limits = self._one_call_limits
         together = [i for i, (name, k) in enumerate(zip(tables, keys, strict=True))
                     if name in limits and k.size <= limits[name]]
-        if len(together) == len(tables) > 1:  # the usual case: a model's small query
+        if len(together) == len(tables) > 1 and not self._mixed_dtypes:  # the usual case: a model's small query
             return self._group(tuple(tables)).lookup(keys, offsets)
+        calls: dict[str, list[int]] = {}
+        for i in together:
+            calls.setdefault(self._one_call_dtypes[tables[i]], []).append(i)
         results: list[PooledResult | None] = [None] * len(tables)
-        if len(together) > 1:
-            group = self._group(tuple(tables[i] for i in together))
-            for i, result in zip(together, group.lookup([keys[i] for i in together],
-                                                        [offsets[i] for i in together]), strict=True):
-                results[i] = result
+        for call in calls.values():
+            if len(call) > 1:
+                group = self._group(tuple(tables[i] for i in call))
+                for i, result in zip(call, group.lookup([keys[i] for i in call], [offsets[i] for i in call]),
+                                     strict=True):
+                    results[i] = result
         for i, name in enumerate(tables):
             if results[i] is None:
                 results[i] = self.lookup_pooled(name, keys[i], offsets[i])
