@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import settings
 
 from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, TableConfig
@@ -35,6 +36,12 @@ def rows_for(keys: np.ndarray, dim: int, version: int = 0) -> np.ndarray:
     keys = np.asarray(keys, dtype=np.int64)
     cols = np.arange(dim, dtype=np.float64)
     return (keys[:, None] * 1000.0 + version * 10.0 + cols[None, :] / 100.0).astype(np.float32)
+
+
+def cast_through(rows: np.ndarray, dtype: str) -> np.ndarray:
+    """What a table of this dtype must give back for float32 rows: torch's own cast there and back."""
+    narrow = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return torch.tensor(rows).to(narrow).to(torch.float32).numpy()
 
 
 def replay_against_dict(ps: object, table: str, ops: list, dim: int) -> dict[int, np.ndarray]:

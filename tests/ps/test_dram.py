@@ -18,8 +18,7 @@ from recserve.config import DramTierConfig, TableConfig, capacity_rows
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps import _hashmap as hm
 from recserve.ps.dram import HUGE_PAGES_MIN_BYTES, DramTableHandle, DramTier
-from tests.conftest import rows_for
-from tests.ps.test_rows import cast_through
+from tests.conftest import cast_through, rows_for
 
 DIM = 4
 

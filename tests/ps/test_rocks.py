@@ -14,8 +14,7 @@ from recserve.config import RocksTierConfig
 from recserve.errors import ConfigError, InvalidInputError, NotFoundError, TierUnavailableError
 from recserve.ps import rocks
 from recserve.ps.rocks import RocksTier, encode_keys
-from tests.conftest import make_table, rows_for
-from tests.ps.test_rows import cast_through
+from tests.conftest import cast_through, make_table, rows_for
 
 DIM = 8
 

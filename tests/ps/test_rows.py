@@ -7,20 +7,13 @@ import warnings
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from recserve.errors import InvalidInputError
 from recserve.ps.rows import STORAGE_DTYPE, from_bytes, row_bytes, to_float32, to_storage
-
-
-def cast_through(rows: np.ndarray, dtype: str) -> np.ndarray:
-    """What a table of this dtype must give back for float32 rows: torch's own cast there and back."""
-    narrow = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    return torch.tensor(rows).to(narrow).to(torch.float32).numpy()
-
+from tests.conftest import cast_through
 
 float32_rows = arrays(np.float32, st.tuples(st.integers(0, 5), st.integers(1, 9)),
                       elements=st.floats(width=32, allow_nan=True, allow_infinity=True))

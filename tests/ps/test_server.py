@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps.server import HierarchicalPS
-from tests.conftest import make_ps_config, make_table, replay_against_dict, rows_for
-from tests.ps.test_rows import cast_through
+from tests.conftest import cast_through, make_ps_config, make_table, replay_against_dict, rows_for
 
 DIM = 8
 
