@@ -285,6 +285,14 @@ def test_close_removes_the_shared_memory_file(shm_dir: Path) -> None:
     assert not path.exists()
 
 
+def test_close_twice_while_a_view_of_the_map_lives(shm_dir: Path) -> None:
+    tier = make_tier(shm_dir, "evict_lru", 2, 8, 0.8)
+    view = tier.table("t").rec[:4]  # keeps the map's buffer exported: the map itself cannot close yet
+    tier.close()
+    tier.close()  # nothing left to close: no error
+    del view
+
+
 # --- several processes, one copy ---------------------------------------------------------------------------
 
 

@@ -283,7 +283,7 @@ class DramTable:
         return hm.held_keys(self.part, self.slots, self.handle.num_slots)
 
     def close(self) -> None:
-        if self._map.closed:
+        if not hasattr(self, "rec"):  # closed already (the map itself may stay open while a caller holds a view)
             return
         # numpy views keep the mmap's buffer exported; drop them before closing the map.
         for attr in ("clock", "part", "slots", "free", "rec", "values"):
