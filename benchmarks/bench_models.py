@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from recserve.config import DramTierConfig, PSConfig, RocksTierConfig
+from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, RowDtype
 from recserve.models import MODEL_NAMES, RecModel, build_model, model_spec, table_configs
 from recserve.models.synthetic import Query, QueryGenerator, table_rows, write_tables
 from recserve.ps.server import HierarchicalPS
@@ -66,11 +66,11 @@ def ratio_to(model: RecModel, local: RecModel, queries: list[Query]) -> float:
     return statistics.median(ratios)
 
 
-def bench_model(name: str, preset: str, shm_dir: Path, *, shared_memory: bool = True, dtype: str = "float32",
+def bench_model(name: str, preset: str, shm_dir: Path, *, shared_memory: bool = True, dtype: RowDtype = "float32",
                 local: RecModel | None = None, sizes: tuple[int, ...] = SIZES) -> tuple[dict[int, float], float | None]:
     """Items/s by query size over a PS whose DRAM tier holds every table; with `local`, RMC1's ratio to it."""
     spec = model_spec(name, preset)
-    config = PSConfig(tables=table_configs(spec, dtype=dtype), rocksdb=RocksTierConfig(enabled=False),  # type: ignore[arg-type]
+    config = PSConfig(tables=table_configs(spec, dtype=dtype), rocksdb=RocksTierConfig(enabled=False),
                       dram=DramTierConfig(num_partitions=8, shared_memory=shared_memory, shm_dir=shm_dir))
     with HierarchicalPS.from_config(config) as ps:
         write_tables(ps, spec, seed=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import settings
 
-from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, TableConfig
+from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, RowDtype, TableConfig
 from recserve.ps.server import HierarchicalPS
 
 # The first example of a test may compile numba kernels (seconds on a fresh clone): no per-example deadline.
@@ -69,14 +69,14 @@ def ps(tmp_path: Path) -> Iterator[HierarchicalPS]:
         yield server
 
 
-def reference_model(folder: Path, dtype: str = "float32") -> tuple:  # -> (RecModel, HierarchicalPS)
+def reference_model(folder: Path, dtype: RowDtype = "float32") -> tuple:  # -> (RecModel, HierarchicalPS)
     """The model of a repository folder loaded in-process (private DRAM tier, no workers, rows stored as dtype):
     the scores a served model must reproduce."""
     from recserve.models import table_configs
     from recserve.models.checkpoint import checkpoint_spec, load_checkpoint
 
     spec = checkpoint_spec(folder)
-    tables = table_configs(spec, dtype=dtype)  # type: ignore[arg-type]
+    tables = table_configs(spec, dtype=dtype)
     config = PSConfig(tables=tables, dram=DramTierConfig(num_partitions=2, shared_memory=False),
                       rocksdb=RocksTierConfig(enabled=False))
     ps = HierarchicalPS.from_config(config)

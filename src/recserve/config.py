@@ -19,6 +19,7 @@ from recserve.errors import ConfigError
 
 OverflowPolicy = Literal["evict_lru", "evict_lfu", "evict_random", "reject"]
 RowDtype = Literal["float32", "float16", "bfloat16"]
+ROW_ITEMSIZE: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}  # bytes a stored value takes
 TableName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")]
 
 
@@ -68,7 +69,7 @@ class TableConfig(StrictModel):
 
     @property
     def itemsize(self) -> int:
-        return 4 if self.dtype == "float32" else 2
+        return ROW_ITEMSIZE[self.dtype]
 
     def default_row(self) -> np.ndarray:
         """The float32 row [dim] returned for keys found nowhere."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from recserve.config import RowDtype
+from recserve.config import ROW_ITEMSIZE, RowDtype
 from recserve.errors import InvalidInputError
 
 STORAGE_DTYPE: dict[str, np.dtype] = {
@@ -22,7 +22,7 @@ _LARGEST = {"float32": float(np.finfo(np.float32).max), "float16": float(np.finf
 
 
 def row_bytes(dtype: RowDtype, dim: int) -> int:
-    return dim * STORAGE_DTYPE[dtype].itemsize
+    return dim * ROW_ITEMSIZE[dtype]
 
 
 def to_storage(rows: np.ndarray, dtype: RowDtype, table: str, row_numbers: np.ndarray | None = None
