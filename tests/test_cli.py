@@ -11,7 +11,7 @@ import torch
 
 from recserve.cli import main
 from recserve.ps import formats
-from tests.conftest import rows_for
+from tests.conftest import RedisServer, rows_for
 
 
 def write_config(tmp_path: Path) -> Path:
@@ -104,3 +104,69 @@ def test_repo_writes_servable_model_folders(tmp_path: Path, capsys: pytest.Captu
 def test_serve_names_a_missing_repository(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--repo", str(tmp_path / "none"), "--http-port", "0", "--grpc-port", "0"]) == 2
     assert f"model repository {tmp_path / 'none'} is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.redis
+def test_publish_puts_a_tables_rows_on_a_stream_then_trims_it(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                              redis_server: RedisServer) -> None:
+    import redis
+
+    from recserve.ps.updates import PAYLOAD_FIELD, decode_update
+
+    keys = np.arange(10, dtype=np.int64) * 3
+    np.save(tmp_path / "k.npy", keys)
+    np.save(tmp_path / "v.npy", rows_for(keys, 4))
+    common = ["publish", "--address", redis_server.address, "--stream", "recserve.m"]
+    assert main([*common, "--table", "t0", "--rows-per-message", "4", str(tmp_path / "k.npy"),
+                 str(tmp_path / "v.npy")]) == 0
+    assert "recserve.m: 10 rows of table t0 in 3 messages" in capsys.readouterr().out
+    entries = redis.Redis(port=redis_server.port).xrange("recserve.m")
+    messages = [decode_update(fields[PAYLOAD_FIELD]) for _, fields in entries]
+    assert {m.table for m in messages} == {"t0"}
+    np.testing.assert_array_equal(np.concatenate([m.keys for m in messages]), keys)
+    np.testing.assert_array_equal(np.concatenate([m.rows for m in messages]), rows_for(keys, 4))
+    assert main([*common, "--trim-before", entries[2][0].decode()]) == 0
+    assert "dropped 2 entries" in capsys.readouterr().out
+
+    formats.write_hugectr(tmp_path / "t.model", keys, rows_for(keys, 4))
+    assert main([*common, "--table", "t0", str(tmp_path / "t.model")]) == 2
+    assert "give --dim" in capsys.readouterr().err
+    assert main([*common, "--table", "t0", "--dim", "5", str(tmp_path / "k.npy"), str(tmp_path / "v.npy")]) == 2
+    assert "table 't0' has dim 5" in capsys.readouterr().err
+
+
+def test_publish_to_a_dead_redis_names_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "k.npy", np.arange(2))
+    np.save(tmp_path / "v.npy", rows_for(np.arange(2), 4))
+    assert main(["publish", "--address", "127.0.0.1:1", "--stream", "s", "--table", "t", str(tmp_path / "k.npy"),
+                 str(tmp_path / "v.npy")]) == 2
+    assert "redis 127.0.0.1:1: appending to 's'" in capsys.readouterr().err
+
+
+@pytest.mark.redis
+def test_follow_applies_a_stream_to_the_store(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              redis_server: RedisServer) -> None:
+    from recserve.ps.updates import RedisStreamPublisher
+
+    config = write_config(tmp_path)
+    config.write_text(config.read_text() + f"update_source: {{type: redis_streams, address: '{redis_server.address}'"
+                      ", stream: items.updates}\n")
+    publisher = RedisStreamPublisher(redis_server.address, "items.updates")
+    publisher.publish("items", np.array([4, 5]), rows_for(np.array([4, 5]), 4, version=1))
+    publisher.publish("items", np.array([5]), rows_for(np.array([5]), 4, version=2))
+    publisher.close()
+    assert main(["follow", "--config", str(config), "--until-caught-up"]) == 0
+    assert "applied 2 messages (3 rows), skipped 0" in capsys.readouterr().out
+    assert main(["lookup", "--config", str(config), "--table", "items", "4", "5"]) == 0
+    printed = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    np.testing.assert_allclose(np.fromstring(printed["5"].strip("[]"), sep=" "), rows_for(np.array([5]), 4, 2)[0])
+    np.testing.assert_allclose(np.fromstring(printed["4"].strip("[]"), sep=" "), rows_for(np.array([4]), 4, 1)[0])
+
+
+def test_follow_needs_a_live_update_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = write_config(tmp_path)
+    assert main(["follow", "--config", str(config), "--until-caught-up"]) == 2
+    assert "update_source.type is 'disabled'" in capsys.readouterr().err
+    config.write_text(config.read_text() + "update_source: {type: redis_streams, address: '127.0.0.1:1'}\n")
+    assert main(["follow", "--config", str(config), "--until-caught-up", "--report-s", "0.1"]) == 2
+    assert "update source: redis 127.0.0.1:1: reading stream 'recserve.updates'" in capsys.readouterr().err

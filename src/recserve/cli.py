@@ -1,4 +1,7 @@
-"""The `recserve` command: demo, import, lookup, stats, serve, repo. Thin: parse, build, call, print."""
+"""The `recserve` command: demo, import, publish, follow, lookup, stats, serve, repo.
+
+Thin: parse, build, call, print.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ if TYPE_CHECKING:
     from recserve.config import RecserveConfig
     from recserve.ps.formats import TableSource
     from recserve.ps.server import HierarchicalPS
+    from recserve.ps.updates import UpdateConsumer
 
 ImportJobs = list[tuple[str, "TableSource"]]
 
@@ -64,6 +68,31 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--dense-out", type=Path, help="with --state-dict: where the dense weights are written")
     imp.add_argument("paths", type=Path, nargs="*", help="HugeCTR folder | keys.npy rows.npy | weights.pt")
     imp.set_defaults(run=_run_import)
+
+    publish = commands.add_parser("publish", help="publish updated rows of a table on a Redis stream, which "
+                                  "serving nodes apply (online updates)")
+    publish.add_argument("--address", default="127.0.0.1:6379", help="Redis host:port or redis:// URL")
+    publish.add_argument("--stream", required=True, help="the stream: a served model reads recserve.<model> unless "
+                         "its serve.yaml names another")
+    publish.add_argument("--table", help="table the rows belong to (a served model also takes its inputs' short "
+                         "names, e.g. t0)")
+    publish.add_argument("--dim", type=int, help="values per row: needed for a HugeCTR folder, checked otherwise")
+    publish.add_argument("--format", choices=["hugectr", "npy", "torch"], help="default: guessed from the paths")
+    publish.add_argument("--tensor", help="torch: name of the weight tensor in the state_dict")
+    publish.add_argument("--key-map", type=Path, help="torch: .npy of the key of each row (default: row i = key i)")
+    publish.add_argument("--rows-per-message", type=int, default=4096)
+    publish.add_argument("--trim-before", metavar="ID", help="instead of publishing: drop the stream's entries "
+                         "older than ID (once a checkpoint that nodes start from holds them)")
+    publish.add_argument("paths", type=Path, nargs="*", help="HugeCTR folder | keys.npy rows.npy | weights.pt")
+    publish.set_defaults(run=_run_publish)
+
+    follow = commands.add_parser("follow", help="apply the config's update_source to the store, as it arrives")
+    follow.add_argument("--config", type=Path, required=True)
+    follow.add_argument("--stream", default="recserve.updates", help="when the config's update_source names none")
+    follow.add_argument("--until-caught-up", action="store_true",
+                        help="stop once what the stream holds now is applied, instead of following it")
+    follow.add_argument("--report-s", type=float, default=10.0, help="seconds between progress lines")
+    follow.set_defaults(run=_run_follow)
 
     lookup = commands.add_parser("lookup", help="print the rows of keys")
     lookup.add_argument("--config", type=Path, required=True)
@@ -221,17 +250,53 @@ def _import_jobs(args: argparse.Namespace, config: RecserveConfig) -> ImportJobs
         spec = config.ps.table(args.table)
     except KeyError:
         raise InvalidInputError(f"table '{args.table}' is not in {args.config}") from None
+    return [(args.table, _read_source(args, spec.dim))]
+
+
+def _read_source(args: argparse.Namespace, dim: int | None) -> TableSource:
+    """One table's rows from the command's paths (--format, or guessed), --tensor and --key-map."""
+    from recserve.errors import InvalidInputError
+    from recserve.ps import formats
+
     kind = args.format or _guess_format(args.paths)
     if kind == "hugectr" and len(args.paths) == 1:
-        return [(args.table, formats.read_hugectr(args.paths[0], spec.dim))]
+        if dim is None:
+            raise InvalidInputError("a HugeCTR folder does not record its rows' width: give --dim")
+        return formats.read_hugectr(args.paths[0], dim)
     if kind == "npy" and len(args.paths) == 2:
-        return [(args.table, formats.read_npy(args.paths[0], args.paths[1]))]
+        return formats.read_npy(args.paths[0], args.paths[1])
     if kind == "torch" and len(args.paths) == 1:
-        return [(args.table, formats.read_torch(args.paths[0], args.tensor, args.key_map))]
+        return formats.read_torch(args.paths[0], args.tensor, args.key_map)
     raise InvalidInputError(
         f"format {kind} takes {'two paths (keys.npy rows.npy)' if kind == 'npy' else 'one path'}, "
         f"got {len(args.paths)}"
     )
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    from recserve.config import TableConfig
+    from recserve.errors import InvalidInputError
+    from recserve.ps import formats
+    from recserve.ps.updates import RedisStreamPublisher
+
+    publisher = RedisStreamPublisher(args.address, args.stream)
+    try:
+        if args.trim_before:
+            if args.paths or args.table:
+                raise InvalidInputError("--trim-before takes no --table or paths")
+            print(f"{args.stream}: dropped {publisher.trim_before(args.trim_before)} entries before {args.trim_before}")
+            return 0
+        if not args.table or not args.paths:
+            raise InvalidInputError("name the --table and the paths of its rows")
+        source = _read_source(args, args.dim)
+        dim = args.dim or (source.rows.shape[1] if source.rows.ndim == 2 else 0)
+        formats.validate(source, TableConfig(name=args.table, dim=max(dim, 1)))
+        ids = publisher.publish(args.table, formats.as_int64_keys(source), source.rows, args.rows_per_message)
+        print(f"{args.stream}: {source.keys.size} rows of table {args.table} in {len(ids)} messages, "
+              f"{ids[0]} .. {ids[-1]}" if ids else f"{args.stream}: no rows in {source.origin}")
+    finally:
+        publisher.close()
+    return 0
 
 
 def _state_dict_jobs(args: argparse.Namespace, config: RecserveConfig) -> ImportJobs:
@@ -270,6 +335,43 @@ def _guess_format(paths: list[Path]) -> str:
     if len(paths) == 1 and paths[0].suffix in {".pt", ".pth", ".bin"}:
         return "torch"
     raise InvalidInputError(f"cannot tell the format of {[str(p) for p in paths]}; pass --format")
+
+
+def _run_follow(args: argparse.Namespace) -> int:
+    import time
+
+    from recserve.config import load_config
+    from recserve.errors import ConfigError, TierUnavailableError
+    from recserve.ps.server import HierarchicalPS
+    from recserve.ps.updates import UpdateConsumer, open_source
+
+    config = load_config(args.config)
+    settings = config.update_source
+    if settings.type == "disabled":
+        raise ConfigError(f"{args.config}: update_source.type is 'disabled': there is nothing to follow")
+    source = open_source(settings, args.stream)
+    with HierarchicalPS.from_config(config.ps) as ps:
+        consumer = UpdateConsumer(ps, source, max_messages=settings.max_batch_size,
+                                  poll_timeout_s=settings.poll_timeout_ms / 1e3,
+                                  backoff_s=settings.failure_backoff_ms / 1e3).start()
+        try:
+            while not (args.until_caught_up and consumer.catch_up(timeout_s=args.report_s)):
+                if args.until_caught_up and consumer.stats().read_errors:  # a batch job fails rather than waits
+                    raise TierUnavailableError("update source", consumer.stats().last_error)
+                if not args.until_caught_up:
+                    time.sleep(args.report_s)
+                print(_update_progress(consumer), flush=True)
+        finally:
+            consumer.close()
+        print(_update_progress(consumer))
+    return 0
+
+
+def _update_progress(consumer: UpdateConsumer) -> str:
+    s = consumer.stats()
+    return (f"applied {s.applied_messages} messages ({s.applied_rows} rows), skipped {s.skipped_messages}, "
+            f"failed reads {s.read_errors}, failed writes {s.write_errors}; at {s.position}"
+            + (f"; last error: {s.last_error}" if s.last_error else ""))
 
 
 def _open_read_only(config_path: Path) -> HierarchicalPS:

@@ -159,13 +159,19 @@ class RocksTierConfig(StrictModel):
 
 
 class UpdateSourceConfig(StrictModel):
-    """Where online updates come from (consumed by the updates module)."""
+    """Where online updates come from (ps/updates.py applies them). Kafka is parsed (HPS files name it) but refused
+    where updates would be applied: only Redis Streams is available in this version."""
 
     type: Literal["disabled", "kafka", "redis_streams"] = "disabled"
-    address: str = Field("127.0.0.1:9092", description="Kafka brokers or Redis address.")
-    poll_timeout_ms: int = Field(500, gt=0)
-    max_batch_size: int = Field(8 * 1024, gt=0)
-    failure_backoff_ms: int = Field(50, ge=0)
+    address: str | None = Field(None, description="Redis host:port or redis:// URL (default 127.0.0.1:6379); "
+                                "Kafka brokers.")
+    stream: str | None = Field(None, description="The Redis stream; when serving, default 'recserve.<model>'.")
+    poll_timeout_ms: int = Field(500, gt=0, description="How long one read waits for new messages.")
+    max_batch_size: int = Field(64, gt=0, description="Messages per read, at most.")
+    failure_backoff_ms: int = Field(50, ge=0, description="First pause after a failed read or write; it doubles "
+                                    "while failures go on, up to 5 s.")
+    catch_up_timeout_s: float = Field(60.0, ge=0, description="When serving: how long a model's start waits for "
+                                      "the updates the stream holds to be applied before it reports ready.")
 
 
 class PSConfig(StrictModel):
@@ -281,6 +287,10 @@ class ServingConfig(StrictModel):
         "its memory, the checkpoint's float32 rows rounded on import (and the scores with them).",
     )
     max_items: int = Field(65_536, gt=0, description="Items per query, at most (bigger queries: 400).")
+    update_source: UpdateSourceConfig = Field(
+        default_factory=UpdateSourceConfig, description="Online updates of the model's tables: the checkpoint's "
+        "rows, then every update the stream holds, in order.",
+    )
 
 
 class SizeDistribution(StrictModel):

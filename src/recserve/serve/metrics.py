@@ -1,5 +1,5 @@
 """Prometheus metrics (prometheus-client): per model requests, latency by stage, items; per table and tier the
-parameter server's hits, misses and evictions; the scheduler's knobs.
+parameter server's hits, misses and evictions; the scheduler's knobs; online updates applied and skipped.
 
 Request counts and latencies are recorded as requests finish. State that lives elsewhere (knobs, queue depth,
 worker lookup counters, what each tier holds) is read when /metrics is scraped, by a custom collector: nothing
@@ -66,6 +66,10 @@ class _StateCollector(Collector):
         evictions = CounterMetricFamily("recserve_ps_evictions", "Rows a bounded tier evicted.",
                                         labels=["table", "tier"])
         rows = GaugeMetricFamily("recserve_ps_rows", "Rows a tier holds.", labels=["table", "tier"])
+        updates = CounterMetricFamily("recserve_updates", "Online updates from the model's stream: messages "
+                                      "applied or skipped (malformed, unknown table, values the table cannot "
+                                      "hold), rows applied, failed reads and writes (retried).",
+                                      labels=["model", "outcome"])
         for name, model in self._models().items():
             k = model.executor.knobs
             for knob, value in (("batch_size", k.batch_size), ("num_workers", k.num_workers),
@@ -81,8 +85,14 @@ class _StateCollector(Collector):
                     hits.add_metric([table, tier], value)
                 for tier, value in counts.misses.items():
                     misses.add_metric([table, tier], value)
+            if model.updates:
+                u = model.updates.stats()
+                for outcome, value in (("applied_messages", u.applied_messages), ("applied_rows", u.applied_rows),
+                                       ("skipped_messages", u.skipped_messages), ("read_errors", u.read_errors),
+                                       ("write_errors", u.write_errors)):
+                    updates.add_metric([name, outcome], value)
             for tier in model.ps.tiers:
                 for table, held in tier.stats().items():
                     rows.add_metric([table, tier.name], held.rows)
                     evictions.add_metric([table, tier.name], held.evictions)
-        yield from (knobs, queue, rejected, hits, misses, not_found, evictions, rows)
+        yield from (knobs, queue, rejected, hits, misses, not_found, evictions, rows, updates)

@@ -30,6 +30,7 @@ from recserve.models.specs import ModelSpec
 from recserve.ps.dram import DramTier
 from recserve.ps.rocks import RocksTier
 from recserve.ps.server import HierarchicalPS
+from recserve.ps.updates import UpdateConsumer, UpdateSource, open_source
 from recserve.sched.executor import Executor
 from recserve.sched.inline import InlineReplica
 from recserve.sched.policy import SchedulerKnobs
@@ -139,8 +140,11 @@ class ServedModel:
     config: ServingConfig
     ps: HierarchicalPS  # the owner: holds the shared-memory tables and the read-write persistent store
     executor: Executor
+    updates: UpdateConsumer | None = None  # applies the update stream to ps, when serve.yaml names one
 
     def close(self) -> None:
+        if self.updates:
+            self.updates.close()
         self.executor.close()
         self.ps.close()
 
@@ -171,6 +175,7 @@ def load_model(folder: Path) -> ServedModel:
     """Import the model's tables into its own parameter server, start its workers; ready to serve."""
     spec = checkpoint_spec(folder)
     config = read_serving_config(folder)
+    source = _update_source(folder, config)
     ps = _parameter_server(folder, spec, config)
     try:
         import_tables(folder, spec, ps)
@@ -189,9 +194,36 @@ def load_model(folder: Path) -> ServedModel:
                             inline=inline).start()
     except BaseException:
         ps.close()
+        if source:
+            source.close()
         raise
     signature = ModelSignature(spec, config.max_items)
-    return ServedModel(folder.name, folder, signature, config, ps, executor)
+    return ServedModel(folder.name, folder, signature, config, ps, executor,
+                       _start_updates(folder, spec, config, ps, source) if source else None)
+
+
+def _update_source(folder: Path, config: ServingConfig) -> UpdateSource | None:
+    if config.update_source.type == "disabled":
+        return None
+    try:
+        return open_source(config.update_source, default_stream=f"recserve.{folder.name}")
+    except ConfigError as error:
+        raise ConfigError(f"{folder / SERVING_FILE}: {error}") from None
+
+
+def _start_updates(folder: Path, spec: ModelSpec, config: ServingConfig, ps: HierarchicalPS,
+                   source: UpdateSource) -> UpdateConsumer:
+    """Applies the stream on top of the checkpoint just imported: from its first message, as a restarted node
+    must; the model reports ready once what the stream holds now is applied (or the wait times out)."""
+    settings = config.update_source
+    names = {t.name: t.name for t in spec.tables} | {short_name(spec, t.name): t.name for t in spec.tables}
+    updates = UpdateConsumer(ps, source, table_names=names, max_messages=settings.max_batch_size,
+                             poll_timeout_s=settings.poll_timeout_ms / 1e3,
+                             backoff_s=settings.failure_backoff_ms / 1e3).start()
+    if not updates.catch_up(settings.catch_up_timeout_s):
+        log.warning("model %s: serving before the update stream is applied (%s)", folder.name,
+                    updates.stats().last_error or "still catching up")
+    return updates
 
 
 def _parameter_server(folder: Path, spec: ModelSpec, config: ServingConfig) -> HierarchicalPS:

@@ -1,0 +1,335 @@
+"""Online updates: rows that training publishes on a stream and every serving node applies (HPS's update source).
+
+One message carries rows of one table, in one binary layout (little-endian):
+
+    b"RSU1" | name length u16 | dim u32 | rows u32 | name (UTF-8) | keys int64[rows] | rows float32[rows, dim]
+
+The transport is a Redis stream (`XADD` / `XREAD`): each message is one entry whose field `u` holds those bytes.
+Every node reads the whole stream itself (no consumer group: groups split a stream among their readers, and each
+node must see every update). A node's tables are its checkpoint plus every update the stream still holds, applied
+in the stream's order: a node that starts, or restarts, imports its checkpoint and replays the stream from its
+first entry. Training should therefore trim the stream (`XTRIM <stream> MINID <id>`, or `publish --trim-before`)
+once a checkpoint that contains those updates is what nodes start from.
+
+Applying goes through `HierarchicalPS.update`: the persistent copy takes every row, faster tiers refresh the rows
+they hold, and no lookup in flight can promote a row read before the write. A message that cannot be applied
+(malformed bytes, an unknown table, a wrong width, a value the table's dtype cannot hold) is skipped, logged and
+counted: it stays in the stream for whoever wants to look at it. A write that fails on our side (the store) is
+retried, in order, until it lands. A dead Redis is retried with a growing pause; serving carries on meanwhile.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from recserve.errors import ConfigError, InvalidInputError, NotFoundError, TierUnavailableError
+
+if TYPE_CHECKING:
+    import redis
+
+    from recserve.config import UpdateSourceConfig
+    from recserve.ps.server import HierarchicalPS
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"RSU1"
+_HEADER = struct.Struct("<4sHII")  # magic, name length, dim, rows
+PAYLOAD_FIELD = b"u"
+ROWS_PER_MESSAGE = 4096  # 1 MiB a message at dim 64: small enough for any broker, big enough to batch writes
+MAX_BACKOFF_S = 5.0
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    table: str
+    keys: np.ndarray  # int64 [n]
+    rows: np.ndarray  # float32 [n, dim]
+
+
+def encode_update(table: str, keys: np.ndarray, rows: np.ndarray) -> bytes:
+    keys = np.ascontiguousarray(keys, dtype="<i8").reshape(-1)
+    rows = np.ascontiguousarray(rows, dtype="<f4")
+    if rows.ndim != 2 or rows.shape[0] != keys.size:
+        raise InvalidInputError(f"table '{table}': rows must be [{keys.size}, dim], got shape {list(rows.shape)}")
+    name = table.encode()
+    return _HEADER.pack(MAGIC, len(name), rows.shape[1], keys.size) + name + keys.tobytes() + rows.tobytes()
+
+
+def decode_update(payload: bytes) -> RowUpdate:
+    """The message's rows; InvalidInputError naming what is wrong with the bytes."""
+    if len(payload) < _HEADER.size:
+        raise InvalidInputError(f"update message of {len(payload)} bytes is shorter than its {_HEADER.size}-byte "
+                                "header")
+    magic, name_length, dim, count = _HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise InvalidInputError(f"update message starts with {magic!r}, not {MAGIC!r}")
+    expected = _HEADER.size + name_length + 8 * count + 4 * count * dim
+    if len(payload) != expected:
+        raise InvalidInputError(f"update message of {len(payload)} bytes; its header ({count} rows of dim {dim}, "
+                                f"a {name_length}-byte table name) says {expected}")
+    start = _HEADER.size
+    try:
+        table = payload[start:start + name_length].decode()
+    except UnicodeDecodeError:
+        raise InvalidInputError("update message: the table name is not UTF-8") from None
+    start += name_length
+    keys = np.frombuffer(payload, dtype="<i8", count=count, offset=start).astype(np.int64)
+    rows = np.frombuffer(payload, dtype="<f4", count=count * dim, offset=start + 8 * count)
+    return RowUpdate(table, keys, rows.astype(np.float32).reshape(count, dim))
+
+
+def encode_chunks(table: str, keys: np.ndarray, rows: np.ndarray,
+                  rows_per_message: int = ROWS_PER_MESSAGE) -> Iterator[bytes]:
+    """A table's rows as messages of at most rows_per_message rows each."""
+    for start in range(0, len(keys), rows_per_message):
+        yield encode_update(table, keys[start:start + rows_per_message], rows[start:start + rows_per_message])
+
+
+# --- transport: Redis Streams ---------------------------------------------------------------------------------
+
+
+def redis_client(address: str, timeout_s: float) -> redis.Redis:
+    """`host:port`, or a redis:// / rediss:// / unix:// URL. A failed call fails at once: redis-py's own retries
+    (10, with backoff: ~5 s a call) would hide an outage from the consumer's backoff and the publisher's caller."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    options = {"socket_timeout": timeout_s, "socket_connect_timeout": 2.0, "retry": Retry(NoBackoff(), 0)}
+    if "://" in address:
+        return redis.Redis.from_url(address, **options)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"update source address '{address}': give host:port or a redis:// URL")
+    return redis.Redis(host=host, port=int(port), **options)
+
+
+class UpdateSource(Protocol):
+    """Where a consumer reads messages from, in order; `position` is the id of the last message handed out."""
+
+    position: str
+
+    def read(self, max_messages: int, timeout_s: float) -> list[tuple[str, bytes | None]]: ...
+    def latest(self) -> str | None: ...
+    def close(self) -> None: ...
+
+
+class RedisStreamSource:
+    """Reads one Redis stream from `start` on, entry after entry (ids are "ms-seq" and grow)."""
+
+    def __init__(self, address: str, stream: str, start: str = "0") -> None:
+        self.stream = stream
+        self.position = start
+        self._address = address
+        self._client = redis_client(address, timeout_s=30.0)
+
+    def read(self, max_messages: int, timeout_s: float) -> list[tuple[str, bytes | None]]:
+        """Up to max_messages entries after `position`, waiting up to timeout_s for the first; (id, payload or None
+        when the entry lacks the field)."""
+        import redis
+
+        try:
+            answer = self._client.xread({self.stream: self.position}, count=max_messages,
+                                        block=max(1, int(timeout_s * 1e3)))
+        except redis.RedisError as error:
+            raise TierUnavailableError(f"redis {self._address}", f"reading stream '{self.stream}': {error}") from None
+        entries = [(entry_id.decode(), fields.get(PAYLOAD_FIELD)) for _, items in answer for entry_id, fields in items]
+        if entries:
+            self.position = entries[-1][0]
+        return entries
+
+    def latest(self) -> str | None:
+        """The id of the stream's last entry now; None if the stream is empty or missing."""
+        import redis
+
+        try:
+            last = self._client.xrevrange(self.stream, count=1)
+        except redis.RedisError as error:
+            raise TierUnavailableError(f"redis {self._address}", f"reading stream '{self.stream}': {error}") from None
+        return last[0][0].decode() if last else None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class RedisStreamPublisher:
+    """What training uses: appends messages to a stream (see `recserve publish`)."""
+
+    def __init__(self, address: str, stream: str) -> None:
+        self.stream = stream
+        self._address = address
+        self._client = redis_client(address, timeout_s=30.0)
+
+    def publish(self, table: str, keys: np.ndarray, rows: np.ndarray,
+                rows_per_message: int = ROWS_PER_MESSAGE) -> list[str]:
+        """Appends the rows as messages, all in one round trip; their ids, in order."""
+        import redis
+
+        pipe = self._client.pipeline(transaction=False)
+        for payload in encode_chunks(table, keys, rows, rows_per_message):
+            pipe.xadd(self.stream, {PAYLOAD_FIELD: payload})
+        try:
+            return [entry_id.decode() for entry_id in pipe.execute()]
+        except redis.RedisError as error:
+            raise TierUnavailableError(f"redis {self._address}", f"appending to '{self.stream}': {error}") from None
+
+    def trim_before(self, entry_id: str) -> int:
+        """Drops the entries older than entry_id (a checkpoint now holds them); how many went."""
+        import redis
+
+        try:
+            return int(self._client.xtrim(self.stream, minid=entry_id, approximate=False))
+        except redis.RedisError as error:
+            raise TierUnavailableError(f"redis {self._address}", f"trimming '{self.stream}': {error}") from None
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def open_source(config: UpdateSourceConfig, default_stream: str) -> UpdateSource:
+    if config.type == "redis_streams":
+        return RedisStreamSource(config.address or "127.0.0.1:6379", config.stream or default_stream)
+    raise ConfigError(f"update_source.type '{config.type}' is not available in this version: use redis_streams")
+
+
+# --- the consumer -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpdateStats:
+    applied_messages: int = 0
+    applied_rows: int = 0
+    skipped_messages: int = 0  # skipped: the message could not be applied (logged with its id and why)
+    read_errors: int = 0  # reads that failed (the source unreachable); retried
+    write_errors: int = 0  # writes that failed on our side; retried, in order
+    position: str = "0"  # id of the last message applied or skipped
+    last_error: str = ""
+
+
+class UpdateConsumer:
+    """Applies a source's messages to a parameter server on a background thread, in order.
+
+    `table_names` maps the names a message may use to the PS's tables (a served model also accepts its short
+    names, as its inputs use them); by default the PS's own names.
+    """
+
+    def __init__(self, ps: HierarchicalPS, source: UpdateSource, *, table_names: Mapping[str, str] | None = None,
+                 max_messages: int = 64, poll_timeout_s: float = 0.5, backoff_s: float = 0.05) -> None:
+        self._ps = ps
+        self._source = source
+        self._tables = dict(table_names) if table_names is not None else {name: name for name in ps.tables}
+        self._max_messages = max_messages
+        self._poll_timeout_s = poll_timeout_s
+        self._backoff_s = backoff_s
+        self._stats = UpdateStats(position=source.position)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="recserve-updates", daemon=True)
+
+    def start(self) -> UpdateConsumer:
+        self._thread.start()
+        return self
+
+    def stats(self) -> UpdateStats:
+        with self._lock:
+            return self._stats
+
+    def catch_up(self, timeout_s: float) -> bool:
+        """Waits until every message the stream holds now is applied or skipped; False on timeout or when the
+        source cannot say (unreachable: the consumer keeps trying in the background)."""
+        try:
+            latest = self._source.latest()
+        except TierUnavailableError as error:
+            log.warning("updates: cannot catch up at start: %s", error)
+            return False
+        deadline = time.monotonic() + timeout_s
+        while latest is not None and _id_order(self.stats().position) < _id_order(latest):
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._source.close()
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                entries = self._source.read(self._max_messages, self._poll_timeout_s)
+            except TierUnavailableError as error:
+                failures += 1
+                self._count(read_errors=1, last_error=str(error))
+                if failures == 1:
+                    log.warning("updates: %s; retrying", error)
+                self._stop.wait(min(MAX_BACKOFF_S, self._backoff_s * 2 ** min(failures, 10)))
+                continue
+            if failures:
+                log.warning("updates: reading again after %d failed attempts", failures)
+                failures = 0
+            for entry_id, payload in entries:
+                if not self._apply(entry_id, payload):
+                    return
+
+    def _apply(self, entry_id: str, payload: bytes | None) -> bool:
+        """Applies one message, retrying failed writes until they land; False if stopped first."""
+        try:
+            update = self._decode(payload)
+        except (InvalidInputError, NotFoundError) as error:
+            return self._reject(entry_id, error)
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._ps.update(update.table, update.keys, update.rows)
+            except (InvalidInputError, NotFoundError) as error:  # the message's fault: a row its table can't hold
+                return self._reject(entry_id, error)
+            except Exception as error:  # the store's fault: retry in order, never skip an update
+                failures += 1
+                self._count(write_errors=1, last_error=f"message {entry_id}: {error}")
+                if failures == 1:
+                    log.error("updates: applying message %s failed: %s; retrying", entry_id, error)
+                self._stop.wait(min(MAX_BACKOFF_S, self._backoff_s * 2 ** min(failures, 10)))
+                continue
+            self._count(applied_messages=1, applied_rows=update.keys.size, position=entry_id)
+            return True
+        return False
+
+    def _decode(self, payload: bytes | None) -> RowUpdate:
+        if payload is None:
+            raise InvalidInputError(f"stream entry has no '{PAYLOAD_FIELD.decode()}' field")
+        update = decode_update(payload)
+        table = self._tables.get(update.table)
+        if table is None:
+            raise NotFoundError(f"table '{update.table}' is not served here (tables: {sorted(self._tables)[:8]})")
+        return replace(update, table=table)
+
+    def _reject(self, entry_id: str, error: Exception) -> bool:
+        log.warning("updates: skipped message %s: %s", entry_id, error)
+        self._count(skipped_messages=1, position=entry_id, last_error=f"message {entry_id}: {error}")
+        return True
+
+    def _count(self, *, position: str | None = None, last_error: str | None = None, **added: int) -> None:
+        with self._lock:
+            s = self._stats
+            self._stats = replace(
+                s, **{k: getattr(s, k) + v for k, v in added.items()},
+                position=position if position is not None else s.position,
+                last_error=last_error if last_error is not None else s.last_error,
+            )
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = entry_id.partition("-")
+    return int(milliseconds), int(sequence or 0)
+
