@@ -172,8 +172,8 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def redis_mget(rows: np.ndarray, batches: list[np.ndarray]) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
-    """MGET of the batches' rows, 1,000 keys per call, from a redis-server on loopback holding those keys."""
+def redis_server() -> Iterator[int]:
+    """A redis-server on loopback, answering; its port."""
     import redis
 
     if shutil.which("redis-server") is None:
@@ -191,6 +191,20 @@ def redis_mget(rows: np.ndarray, batches: list[np.ndarray]) -> Iterator[Callable
                 break
             except redis.ConnectionError:
                 time.sleep(0.05)
+        client.close()
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def redis_mget(rows: np.ndarray, batches: list[np.ndarray]) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+    """MGET of the batches' rows, 1,000 keys per call, from a redis-server on loopback holding those keys."""
+    import redis
+
+    with redis_server() as port:
+        client = redis.Redis(port=port)
         wanted = np.unique(np.concatenate(batches))
         for start in range(0, wanted.size, 10_000):
             chunk = wanted[start : start + 10_000]
@@ -205,9 +219,6 @@ def redis_mget(rows: np.ndarray, batches: list[np.ndarray]) -> Iterator[Callable
 
         np.testing.assert_array_equal(mget(batches[0]), rows[batches[0]])
         yield mget
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def read_whole_folder(folder: Path) -> None:
