@@ -54,6 +54,19 @@ def test_hps_json_loads_as_is(tmp_path: Path) -> None:
     assert (deep.cache_fraction, deep.cache_hit_rate_threshold) == (0.5, 0.9)
 
 
+def test_an_hps_redis_cluster_becomes_the_redis_tier() -> None:
+    data = json.loads(json.dumps(HPS_EXAMPLE))
+    data["volatile_db"].update(type="redis_cluster", address="10.0.0.1:7000,10.0.0.2:7000", password="pw",
+                               overflow_policy="evict_random", refresh_time_after_fetch=True)
+    ps = parse_config(data, "hps.json").ps
+    redis = ps.redis
+    assert not ps.dram.enabled and redis.enabled and redis.cluster
+    assert (redis.address, redis.password, redis.overflow_policy, redis.refresh_time_after_fetch) == (
+        "10.0.0.1:7000,10.0.0.2:7000", "pw", "evict_random", True)
+    assert redis.num_partitions == data["volatile_db"]["num_partitions"]
+    assert redis.capacity_rows == data["volatile_db"]["overflow_margin"] * data["volatile_db"]["num_partitions"]
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
@@ -62,7 +75,9 @@ def test_hps_json_loads_as_is(tmp_path: Path) -> None:
         (lambda d: d["models"][0].update(embedding_vecsize_per_table=[1]),
          "embedding_vecsize_per_table has 1 entries, sparse_files has 2"),
         (lambda d: d["models"][0].update(gpucacheper=1.5), "models.0.gpucacheper: .*less than or equal to 1"),
-        (lambda d: d["volatile_db"].update(type="redis_cluster"), "Redis tier is not available"),
+        (lambda d: d["volatile_db"].update(type="redis_cluster", enable_tls=True), "TLS to Redis is not available"),
+        (lambda d: d["volatile_db"].update(type="redis_cluster", overflow_policy="evict_least_used"),
+         "'evict_least_used' is not available for redis_cluster"),
     ],
 )
 def test_hps_mistakes_name_the_key(edit: object, message: str) -> None:

@@ -146,6 +146,31 @@ class DeviceCacheConfig(StrictModel):
     )
 
 
+class RedisTierConfig(StrictModel):
+    """A Redis (or Redis Cluster) tier below the DRAM tier, shared by every node that points at it (HPS's
+    `redis_cluster` volatile database). Each table is split into hash partitions, each a Redis hash of rows and
+    a sorted set of when each row was written (or last read, with refresh_time_after_fetch)."""
+
+    enabled: bool = Field(False, description="Use a Redis tier at all.")
+    address: str = Field("127.0.0.1:6379", description="host:port; for a cluster, one or more seed nodes, "
+                         "comma-separated.")
+    cluster: bool = Field(False, description="Talk to a Redis Cluster (partitions spread over its nodes).")
+    user_name: str = "default"
+    password: str = ""
+    key_prefix: str = Field("recserve", pattern=r"^[A-Za-z0-9_.\-]+$", description="Names every Redis key.")
+    num_partitions: int = Field(8, ge=1, le=4096, description="Hash partitions per table.")
+    capacity_rows: int | None = Field(None, gt=0, description="Rows per table at most; None: unbounded.")
+    overflow_policy: Literal["evict_lru", "evict_random", "reject"] = Field(
+        "evict_lru", description="When a partition is full: evict its oldest (or random) rows down to "
+        "overflow_resolution_target of its share of capacity_rows, or refuse new keys.")
+    overflow_resolution_target: float = Field(0.8, gt=0.0, le=1.0)
+    refresh_time_after_fetch: bool = Field(
+        False, description="A read counts as a use for evict_lru (a write per read; HPS's option, off as there).")
+    max_get_batch_size: int = Field(10_000, gt=0, description="Keys per HMGET.")
+    max_set_batch_size: int = Field(10_000, gt=0, description="Rows per write script call.")
+    timeout_s: float = Field(5.0, gt=0, description="Socket timeout of one call.")
+
+
 class RocksTierConfig(StrictModel):
     """The persistent tier: RocksDB, one column family per table, the full copy of every table."""
 
@@ -180,6 +205,7 @@ class PSConfig(StrictModel):
     tables: list[TableConfig] = Field(default_factory=list)
     cache: DeviceCacheConfig = Field(default_factory=DeviceCacheConfig)
     dram: DramTierConfig = Field(default_factory=DramTierConfig)
+    redis: RedisTierConfig = Field(default_factory=RedisTierConfig)
     rocksdb: RocksTierConfig = Field(default_factory=RocksTierConfig)
 
     @model_validator(mode="after")
@@ -465,8 +491,6 @@ def from_hps(hps: HpsConfig) -> RecserveConfig:
     the cache's shards are the union of the models' `deployed_device_list`.
     """
     vdb, pdb = hps.volatile_db, hps.persistent_db
-    if vdb.type == "redis_cluster":
-        raise ConfigError("volatile_db.type 'redis_cluster': the Redis tier is not available in this version")
     unbounded = vdb.overflow_margin >= 2**63
     capacity = None if unbounded else vdb.overflow_margin * vdb.num_partitions
     tables: dict[str, TableConfig] = {}
@@ -503,9 +527,10 @@ def from_hps(hps: HpsConfig) -> RecserveConfig:
                 replicate=False,
             ),
             dram=DramTierConfig(
-                enabled=vdb.type != "disabled", num_partitions=vdb.num_partitions,
+                enabled=vdb.type not in ("disabled", "redis_cluster"), num_partitions=vdb.num_partitions,
                 overflow_resolution_target=vdb.overflow_resolution_target,
             ),
+            redis=_hps_redis(vdb, capacity),
             rocksdb=RocksTierConfig(
                 enabled=pdb.type == "rocks_db", path=pdb.path, read_only=pdb.read_only,
                 max_get_batch_size=pdb.max_get_batch_size,
@@ -517,6 +542,25 @@ def from_hps(hps: HpsConfig) -> RecserveConfig:
             poll_timeout_ms=update.poll_timeout_ms, max_batch_size=update.max_batch_size,
             failure_backoff_ms=update.failure_backoff_ms,
         ),
+    )
+
+
+def _hps_redis(vdb: HpsVolatileDb, capacity: int | None) -> RedisTierConfig:
+    """volatile_db of type redis_cluster as our Redis tier (anything else: the tier off)."""
+    if vdb.type != "redis_cluster":
+        return RedisTierConfig()
+    if vdb.enable_tls:
+        raise ConfigError("volatile_db.enable_tls: TLS to Redis is not available in this version")
+    if vdb.overflow_policy == "evict_least_used":
+        raise ConfigError("volatile_db.overflow_policy 'evict_least_used' is not available for redis_cluster: "
+                          "use evict_oldest or evict_random")
+    return RedisTierConfig(
+        enabled=True, address=vdb.address, cluster=True, user_name=vdb.user_name, password=vdb.password,
+        num_partitions=vdb.num_partitions, capacity_rows=capacity,
+        overflow_policy="evict_random" if vdb.overflow_policy == "evict_random" else "evict_lru",
+        overflow_resolution_target=vdb.overflow_resolution_target,
+        refresh_time_after_fetch=vdb.refresh_time_after_fetch, max_get_batch_size=vdb.max_get_batch_size,
+        max_set_batch_size=vdb.max_set_batch_size,
     )
 
 

@@ -115,8 +115,9 @@ class HierarchicalPS:
 
     @classmethod
     def from_config(cls, config: PSConfig) -> HierarchicalPS:
-        """Device cache, DRAM tier, RocksDB, as enabled in the config."""
+        """Device cache, DRAM tier, Redis, RocksDB, as enabled in the config."""
         from recserve.ps.dram import DramTier
+        from recserve.ps.redis import RedisTier
         from recserve.ps.rocks import RocksTier
 
         tiers: list[Tier] = []
@@ -125,6 +126,8 @@ class HierarchicalPS:
                 tiers.append(CacheTier.create(config.tables, config.cache, config.dram))
             if config.dram.enabled:
                 tiers.append(DramTier.create(config.tables, config.dram))
+            if config.redis.enabled:
+                tiers.append(RedisTier(config.redis, config.tables))
             if config.rocksdb.enabled:
                 tiers.append(RocksTier(config.rocksdb, config.tables))
         except BaseException:
