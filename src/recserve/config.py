@@ -300,6 +300,10 @@ class ServingConfig(StrictModel):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     online_tuning: OnlineTuningConfig = Field(default_factory=OnlineTuningConfig)
     dram: DramTierConfig = Field(default_factory=DramTierConfig)
+    redis: RedisTierConfig = Field(
+        default_factory=RedisTierConfig, description="A Redis tier below the DRAM tier: the serving process "
+        "answers its workers' DRAM misses from it, then from RocksDB.",
+    )
     rocksdb: RocksTierConfig = Field(
         default_factory=lambda: RocksTierConfig(enabled=False),
         description="Off by default: the checkpoint's tables then live in the DRAM tier only. A relative path "

@@ -66,3 +66,39 @@ def test_a_kafka_update_source_is_refused_naming_the_file(tmp_path: Path) -> Non
     write_model_folder(folder, "ncf", seed=3, serving={**SERVING, "update_source": {"type": "kafka"}})
     with pytest.raises(ConfigError, match=r"ncf/serve.yaml: update_source.type 'kafka' is not available"):
         load_model(folder)
+
+
+@pytest.mark.redis
+def test_a_model_over_dram_redis_and_rocksdb_scores_exactly_before_and_after_updates(
+        tmp_path: Path, redis_server: RedisServer) -> None:
+    """DRAM holds a tenth of each table; the serving process answers the workers' misses from Redis, then
+    RocksDB, promoting into Redis; an update must reach every tier that holds the row, or a stale one shows."""
+    folder = tmp_path / "rmc1"
+    serving = {**SERVING, "rocksdb": {"enabled": True, "path": "rocksdb"}, "dram_fraction": 0.1,
+               "redis": {"enabled": True, "address": redis_server.address, "num_partitions": 2},
+               "update_source": {"type": "redis_streams", "address": redis_server.address, "poll_timeout_ms": 50}}
+    write_model_folder(folder, "rmc1", seed=3, serving=serving)
+    model, reference = reference_model(folder)
+    query = QueryGenerator(model.spec, seed=1).query(24)
+    with reference, torch.inference_mode():
+        served = load_model(folder)
+        try:
+            np.testing.assert_allclose(served_scores(served, query), model(query.dense, query.sparse).numpy(),
+                                       rtol=1e-5, atol=1e-6)
+            redis_tier = next(t for t in served.ps.tiers if t.name == "redis")
+            assert redis_tier.stats()["rmc1_t0"].rows > 100  # promoted from RocksDB on the way up
+
+            keys = np.unique(query.sparse.keys["rmc1_t0"].numpy())
+            rows = np.random.default_rng(2).normal(size=(keys.size, model.spec.tables[0].dim)).astype(np.float32)
+            held = redis_tier.lookup("rmc1_t0", keys).found.sum()
+            assert held == keys.size  # every key of the query is in Redis: a missed update would show
+            publisher = RedisStreamPublisher(redis_server.address, "recserve.rmc1")
+            last = publisher.publish("t0", keys, rows)[-1]
+            publisher.close()
+            wait_for(lambda: served.updates.stats().position == last, what="the update")  # type: ignore[union-attr]
+            reference.update("rmc1_t0", keys, rows)
+            np.testing.assert_allclose(served_scores(served, query), model(query.dense, query.sparse).numpy(),
+                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_array_equal(redis_tier.lookup("rmc1_t0", keys).rows, rows)
+        finally:
+            served.close()

@@ -32,7 +32,7 @@ from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps.cache import CacheTier
 from recserve.ps.keys import as_keys, unique_inverse
 from recserve.ps.pooling import add_to_bags, as_offsets
-from recserve.ps.tiers import PooledResult, PoolingTier, Tier, TierTableStats, check_rows
+from recserve.ps.tiers import LookupResult, PooledResult, PoolingTier, Tier, TierTableStats, check_rows
 from recserve.stats import HistogramSnapshot, LatencyHistogram
 
 # a pooled lookup of this many tables or more goes to their first tier in one call (`lookup_pooled_tables`); for
@@ -260,6 +260,15 @@ class HierarchicalPS:
                 results[i] = result, per_key * keys[i].size
         return results  # type: ignore[return-value]
 
+    def lookup_found(self, table: str, keys: np.ndarray) -> LookupResult:
+        """Rows of unique int64 keys and which any tier held, without default rows (what a faster tier above
+        this PS needs: see `ReadThrough`)."""
+        tiers = self._tiers_of[table]
+        rows, pending = self._read_through(table, keys, tiers, [tier.update_token(table) for tier in tiers])
+        found = np.ones(keys.size, dtype=bool)
+        found[pending] = False
+        return LookupResult(rows, found)
+
     def _lookup_unique(self, table: str, keys: np.ndarray) -> np.ndarray:
         tiers = self._tiers_of[table]
         # taken before any read: a promotion lands only if no write-through began since (else it could put back
@@ -366,6 +375,7 @@ class HierarchicalPS:
     ) -> int:
         """Replace a table's contents in the persistent tier, then drop what faster tiers held of it."""
         from recserve.ps.dram import DramTier
+        from recserve.ps.redis import RedisTier
 
         persistent = self._persistent_tier(table, "import")
         with self._writing_through(table):
@@ -373,6 +383,8 @@ class HierarchicalPS:
             for tier in self.tiers:
                 if isinstance(tier, DramTier):
                     tier.evict(table, tier.table(table).held_keys())
+                elif isinstance(tier, RedisTier):
+                    tier.clear(table)
                 elif isinstance(tier, CacheTier):
                     tier.reload(table, keys, rows)
         return count
@@ -472,3 +484,45 @@ class HierarchicalPS:
             latency={n: LatencyHistogram() for n in names},
         )
 
+
+class ReadThrough:
+    """Tiers read as one, fastest first, rows found below promoted upward (a Tier, read-only: writes go through
+    the HierarchicalPS that owns the tiers). How the serving process answers its workers' DRAM misses from the
+    tiers below the DRAM tier: Redis, then RocksDB."""
+
+    def __init__(self, tables: list[TableConfig], tiers: list[Tier]) -> None:
+        self.name = "+".join(tier.name for tier in tiers)
+        self._ps = HierarchicalPS(tables, tiers)
+
+    def lookup(self, table: str, keys: np.ndarray) -> LookupResult:
+        return self._ps.lookup_found(table, keys)
+
+    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
+               ) -> None:
+        self._refuse_write()
+
+    def update_token(self, table: str) -> int | None:
+        return None  # nothing is promoted into a read-only view; its own tiers take tokens of their own
+
+    def begin_update(self, table: str) -> None:
+        pass  # the owning PS marks writes on the tiers themselves
+
+    def end_update(self, table: str) -> None:
+        pass
+
+    def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
+        self._refuse_write()
+        return 0
+
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        self._refuse_write()
+        return 0
+
+    def stats(self) -> dict[str, TierTableStats]:
+        return {}  # its tiers report what they hold, through their owner
+
+    def close(self) -> None:
+        pass  # the tiers are the owner's to close
+
+    def _refuse_write(self) -> None:
+        raise InvalidInputError(f"{self.name}: a read-only view; write through the parameter server that owns it")

@@ -28,8 +28,8 @@ from recserve.models import table_configs
 from recserve.models.checkpoint import checkpoint_spec, import_tables
 from recserve.models.specs import ModelSpec
 from recserve.ps.dram import DramTier
-from recserve.ps.rocks import RocksTier
-from recserve.ps.server import HierarchicalPS
+from recserve.ps.server import HierarchicalPS, ReadThrough
+from recserve.ps.tiers import Tier
 from recserve.ps.updates import UpdateConsumer, UpdateSource, open_source
 from recserve.sched.executor import Executor
 from recserve.sched.inline import InlineReplica
@@ -180,7 +180,7 @@ def load_model(folder: Path) -> ServedModel:
     try:
         import_tables(folder, spec, ps)
         dram = [t for t in ps.tiers if isinstance(t, DramTier)]
-        persistent = next((t for t in ps.tiers if isinstance(t, RocksTier)), None)
+        persistent = _tiers_below_dram(ps)
         s = config.scheduler
         setup = WorkerSetup(folder=folder, spec=spec, tables=list(ps.tables.values()),
                             dram=dram[0].handles() if dram else [],
@@ -200,6 +200,14 @@ def load_model(folder: Path) -> ServedModel:
     signature = ModelSignature(spec, config.max_items)
     return ServedModel(folder.name, folder, signature, config, ps, executor,
                        _start_updates(folder, spec, config, ps, source) if source else None)
+
+
+def _tiers_below_dram(ps: HierarchicalPS) -> Tier | None:
+    """What answers the workers' DRAM misses in the serving process: RocksDB, or Redis then RocksDB as one."""
+    below = [t for t in ps.tiers if not isinstance(t, DramTier)]
+    if len(below) <= 1:
+        return below[0] if below else None
+    return ReadThrough(list(ps.tables.values()), below)
 
 
 def _update_source(folder: Path, config: ServingConfig) -> UpdateSource | None:
@@ -237,7 +245,7 @@ def _parameter_server(folder: Path, spec: ModelSpec, config: ServingConfig) -> H
     if not rocksdb.path.is_absolute():
         rocksdb = rocksdb.model_copy(update={"path": folder / rocksdb.path})
     tables = table_configs(spec, config.dram_fraction, config.table_dtype)
-    ps_config = PSConfig(tables=tables, dram=config.dram, rocksdb=rocksdb)
+    ps_config = PSConfig(tables=tables, dram=config.dram, redis=config.redis, rocksdb=rocksdb)
     return HierarchicalPS.from_config(ps_config)
 
 
