@@ -170,3 +170,11 @@ def test_follow_needs_a_live_update_source(tmp_path: Path, capsys: pytest.Captur
     config.write_text(config.read_text() + "update_source: {type: redis_streams, address: '127.0.0.1:1'}\n")
     assert main(["follow", "--config", str(config), "--until-caught-up", "--report-s", "0.1"]) == 2
     assert "update source: redis 127.0.0.1:1: reading stream 'recserve.updates'" in capsys.readouterr().err
+
+
+def test_trim_before_is_refused_for_kafka(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    np.save(tmp_path / "k.npy", np.arange(2))
+    np.save(tmp_path / "v.npy", rows_for(np.arange(2), 4))
+    args = ["publish", "--via", "kafka", "--address", "127.0.0.1:1", "--stream", "s"]
+    assert main([*args, "--trim-before", "0-1"]) == 2
+    assert "--trim-before is for Redis streams" in capsys.readouterr().err

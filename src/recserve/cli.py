@@ -69,11 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("paths", type=Path, nargs="*", help="HugeCTR folder | keys.npy rows.npy | weights.pt")
     imp.set_defaults(run=_run_import)
 
-    publish = commands.add_parser("publish", help="publish updated rows of a table on a Redis stream, which "
-                                  "serving nodes apply (online updates)")
-    publish.add_argument("--address", default="127.0.0.1:6379", help="Redis host:port or redis:// URL")
-    publish.add_argument("--stream", required=True, help="the stream: a served model reads recserve.<model> unless "
-                         "its serve.yaml names another")
+    publish = commands.add_parser("publish", help="publish updated rows of a table on a Redis stream or Kafka "
+                                  "topic, which serving nodes apply (online updates)")
+    publish.add_argument("--via", choices=["redis_streams", "kafka"], default="redis_streams")
+    publish.add_argument("--address", help="Redis host:port or redis:// URL (default 127.0.0.1:6379), or Kafka "
+                         "brokers (default 127.0.0.1:9092)")
+    publish.add_argument("--stream", required=True, help="the stream or topic: a served model reads recserve.<model> "
+                         "unless its serve.yaml names another")
     publish.add_argument("--table", help="table the rows belong to (a served model also takes its inputs' short "
                          "names, e.g. t0)")
     publish.add_argument("--dim", type=int, help="values per row: needed for a HugeCTR folder, checked otherwise")
@@ -277,13 +279,20 @@ def _run_publish(args: argparse.Namespace) -> int:
     from recserve.config import TableConfig
     from recserve.errors import InvalidInputError
     from recserve.ps import formats
-    from recserve.ps.updates import RedisStreamPublisher
+    from recserve.ps.updates import KafkaPublisher, RedisStreamPublisher
 
-    publisher = RedisStreamPublisher(args.address, args.stream)
+    if args.via == "kafka":
+        if args.trim_before:
+            raise InvalidInputError("--trim-before is for Redis streams: a Kafka topic drops records by its retention")
+        publisher: KafkaPublisher | RedisStreamPublisher = KafkaPublisher(args.address or "127.0.0.1:9092",
+                                                                          args.stream)
+    else:
+        publisher = RedisStreamPublisher(args.address or "127.0.0.1:6379", args.stream)
     try:
         if args.trim_before:
             if args.paths or args.table:
                 raise InvalidInputError("--trim-before takes no --table or paths")
+            assert isinstance(publisher, RedisStreamPublisher)
             print(f"{args.stream}: dropped {publisher.trim_before(args.trim_before)} entries before {args.trim_before}")
             return 0
         if not args.table or not args.paths:

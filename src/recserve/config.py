@@ -184,13 +184,13 @@ class RocksTierConfig(StrictModel):
 
 
 class UpdateSourceConfig(StrictModel):
-    """Where online updates come from (ps/updates.py applies them). Kafka is parsed (HPS files name it) but refused
-    where updates would be applied: only Redis Streams is available in this version."""
+    """Where online updates come from: a Redis stream or a Kafka topic (ps/updates.py applies them)."""
 
     type: Literal["disabled", "kafka", "redis_streams"] = "disabled"
     address: str | None = Field(None, description="Redis host:port or redis:// URL (default 127.0.0.1:6379); "
-                                "Kafka brokers.")
-    stream: str | None = Field(None, description="The Redis stream; when serving, default 'recserve.<model>'.")
+                                "Kafka brokers (default 127.0.0.1:9092).")
+    stream: str | None = Field(None, description="The Redis stream or Kafka topic; when serving, default "
+                               "'recserve.<model>'.")
     poll_timeout_ms: int = Field(500, gt=0, description="How long one read waits for new messages.")
     max_batch_size: int = Field(64, gt=0, description="Messages per read, at most.")
     failure_backoff_ms: int = Field(50, ge=0, description="First pause after a failed read or write; it doubles "

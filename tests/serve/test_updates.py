@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from recserve.errors import ConfigError
 from recserve.models.synthetic import QueryGenerator
 from recserve.ps.updates import RedisStreamPublisher
 from recserve.serve.metrics import Metrics
@@ -61,11 +60,19 @@ def test_a_served_model_replays_its_stream_then_follows_it(tmp_path: Path, redis
     publisher.close()
 
 
-def test_a_kafka_update_source_is_refused_naming_the_file(tmp_path: Path) -> None:
+def test_a_dead_update_source_does_not_hold_the_model_back(tmp_path: Path) -> None:
     folder = tmp_path / "ncf"
-    write_model_folder(folder, "ncf", seed=3, serving={**SERVING, "update_source": {"type": "kafka"}})
-    with pytest.raises(ConfigError, match=r"ncf/serve.yaml: update_source.type 'kafka' is not available"):
-        load_model(folder)
+    updates = {"type": "kafka", "address": "127.0.0.1:1", "poll_timeout_ms": 100}
+    write_model_folder(folder, "ncf", seed=3, serving={**SERVING, "update_source": updates})
+    served = load_model(folder)
+    try:
+        query = QueryGenerator(served.signature.spec, seed=1).query(4)
+        assert served_scores(served, query).shape == (4, 1)
+        wait_for(lambda: served.updates.stats().read_errors >= 1, what="a failed read")  # type: ignore[union-attr]
+        metrics = Metrics(lambda: {"ncf": served}).render().decode()
+        assert 'recserve_updates_total{model="ncf",outcome="read_errors"}' in metrics
+    finally:
+        served.close()
 
 
 @pytest.mark.redis

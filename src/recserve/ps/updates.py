@@ -4,18 +4,20 @@ One message carries rows of one table, in one binary layout (little-endian):
 
     b"RSU1" | name length u16 | dim u32 | rows u32 | name (UTF-8) | keys int64[rows] | rows float32[rows, dim]
 
-The transport is a Redis stream (`XADD` / `XREAD`): each message is one entry whose field `u` holds those bytes.
-Every node reads the whole stream itself (no consumer group: groups split a stream among their readers, and each
-node must see every update). A node's tables are its checkpoint plus every update the stream still holds, applied
-in the stream's order: a node that starts, or restarts, imports its checkpoint and replays the stream from its
-first entry. Training should therefore trim the stream (`XTRIM <stream> MINID <id>`, or `publish --trim-before`)
-once a checkpoint that contains those updates is what nodes start from.
+The transport is a Redis stream (`XADD` / `XREAD`; each message one entry whose field `u` holds those bytes) or a
+Kafka topic (each message one record keyed by its table, so that a table's messages share a partition and keep
+their order). Every node reads the whole stream itself (no shared consumer group: a group splits a stream among
+its readers, and each node must see every update). A node's tables are its checkpoint plus every update the
+stream still holds, applied in the stream's order: a node that starts, or restarts, imports its checkpoint and
+replays the stream from its first entry. Training should therefore trim the stream (`XTRIM <stream> MINID <id>`,
+or `publish --trim-before`; Kafka: the topic's retention) once a checkpoint that contains those updates is what
+nodes start from.
 
 Applying goes through `HierarchicalPS.update`: the persistent copy takes every row, faster tiers refresh the rows
 they hold, and no lookup in flight can promote a row read before the write. A message that cannot be applied
 (malformed bytes, an unknown table, a wrong width, a value the table's dtype cannot hold) is skipped, logged and
 counted: it stays in the stream for whoever wants to look at it. A write that fails on our side (the store) is
-retried, in order, until it lands. A dead Redis is retried with a growing pause; serving carries on meanwhile.
+retried, in order, until it lands. A dead Redis or Kafka is retried with a growing pause; serving carries on.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import struct
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
@@ -43,7 +46,8 @@ log = logging.getLogger(__name__)
 MAGIC = b"RSU1"
 _HEADER = struct.Struct("<4sHII")  # magic, name length, dim, rows
 PAYLOAD_FIELD = b"u"
-ROWS_PER_MESSAGE = 4096  # 1 MiB a message at dim 64: small enough for any broker, big enough to batch writes
+ROWS_PER_MESSAGE = 4096  # 1 MiB a message at dim 64: big enough to batch the store's writes
+KAFKA_MAX_MESSAGE_BYTES = 900_000  # under Kafka's default limit of a record (1,000,000 bytes in librdkafka)
 MAX_BACKOFF_S = 5.0
 
 
@@ -86,9 +90,12 @@ def decode_update(payload: bytes) -> RowUpdate:
     return RowUpdate(table, keys, rows.astype(np.float32).reshape(count, dim))
 
 
-def encode_chunks(table: str, keys: np.ndarray, rows: np.ndarray,
-                  rows_per_message: int = ROWS_PER_MESSAGE) -> Iterator[bytes]:
-    """A table's rows as messages of at most rows_per_message rows each."""
+def encode_chunks(table: str, keys: np.ndarray, rows: np.ndarray, rows_per_message: int = ROWS_PER_MESSAGE,
+                  max_bytes: int | None = None) -> Iterator[bytes]:
+    """A table's rows as messages of at most rows_per_message rows each (and max_bytes bytes, when given)."""
+    if max_bytes is not None:
+        row_size = 8 + 4 * (rows.shape[1] if rows.ndim == 2 else 1)
+        rows_per_message = min(rows_per_message, max(1, (max_bytes - _HEADER.size - len(table.encode())) // row_size))
     for start in range(0, len(keys), rows_per_message):
         yield encode_update(table, keys[start:start + rows_per_message], rows[start:start + rows_per_message])
 
@@ -113,12 +120,26 @@ def redis_client(address: str, timeout_s: float) -> redis.Redis:
 
 
 class UpdateSource(Protocol):
-    """Where a consumer reads messages from, in order; `position` is the id of the last message handed out."""
+    """Where a consumer reads messages from, in order. Ids are the source's own: "<ms>-<seq>" in a Redis stream,
+    "<partition>:<offset>" in Kafka."""
 
-    position: str
+    def read(self, max_messages: int, timeout_s: float) -> list[tuple[str, bytes | None]]:
+        """The next messages, (id, payload or None if it has none), waiting up to timeout_s for the first;
+        TierUnavailableError when the source cannot be reached."""
+        ...
 
-    def read(self, max_messages: int, timeout_s: float) -> list[tuple[str, bytes | None]]: ...
-    def latest(self) -> str | None: ...
+    def done(self, message_id: str) -> None:
+        """The consumer applied (or skipped) this message, and every one read before it."""
+        ...
+
+    def end(self) -> object:
+        """A mark of the last message the source holds now (for `reached`)."""
+        ...
+
+    def reached(self, end: object) -> bool:
+        """Every message up to that mark is done."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -127,26 +148,28 @@ class RedisStreamSource:
 
     def __init__(self, address: str, stream: str, start: str = "0") -> None:
         self.stream = stream
-        self.position = start
+        self._cursor = start  # the last entry read ("0": before the first; "$": only entries added from now)
+        self._done = "0-0"
         self._address = address
         self._client = redis_client(address, timeout_s=30.0)
 
     def read(self, max_messages: int, timeout_s: float) -> list[tuple[str, bytes | None]]:
-        """Up to max_messages entries after `position`, waiting up to timeout_s for the first; (id, payload or None
-        when the entry lacks the field)."""
         import redis
 
         try:
-            answer = self._client.xread({self.stream: self.position}, count=max_messages,
+            answer = self._client.xread({self.stream: self._cursor}, count=max_messages,
                                         block=max(1, int(timeout_s * 1e3)))
         except redis.RedisError as error:
             raise TierUnavailableError(f"redis {self._address}", f"reading stream '{self.stream}': {error}") from None
         entries = [(entry_id.decode(), fields.get(PAYLOAD_FIELD)) for _, items in answer for entry_id, fields in items]
         if entries:
-            self.position = entries[-1][0]
+            self._cursor = entries[-1][0]
         return entries
 
-    def latest(self) -> str | None:
+    def done(self, message_id: str) -> None:
+        self._done = message_id
+
+    def end(self) -> str | None:
         """The id of the stream's last entry now; None if the stream is empty or missing."""
         import redis
 
@@ -155,6 +178,9 @@ class RedisStreamSource:
         except redis.RedisError as error:
             raise TierUnavailableError(f"redis {self._address}", f"reading stream '{self.stream}': {error}") from None
         return last[0][0].decode() if last else None
+
+    def reached(self, end: object) -> bool:
+        return end is None or _id_order(self._done) >= _id_order(str(end))
 
     def close(self) -> None:
         self._client.close()
@@ -194,10 +220,120 @@ class RedisStreamPublisher:
         self._client.close()
 
 
+# --- transport: Kafka ------------------------------------------------------------------------------------------
+
+
+class KafkaSource:
+    """Reads one Kafka topic, every partition, from its first retained record: in a consumer group of its own
+    that never commits, so that every node reads everything and a start replays the topic (as with Redis)."""
+
+    def __init__(self, brokers: str, topic: str) -> None:
+        from confluent_kafka import Consumer
+
+        self.topic = topic
+        self._where = f"kafka {brokers}"
+        self._errors: list[object] = []  # librdkafka's reports since the last read (served inside consume)
+        self._done: dict[int, int] = {}
+        self._consumer = Consumer({
+            "bootstrap.servers": brokers, "group.id": f"recserve-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest", "enable.auto.commit": False, "enable.auto.offset.store": False,
+            "error_cb": self._errors.append, "log_level": 0,  # errors surface through read(); no stderr lines
+        })
+        self._consumer.subscribe([topic])
+
+    def read(self, max_messages: int, timeout_s: float) -> list[tuple[str, bytes | None]]:
+        from confluent_kafka import KafkaException
+
+        try:
+            records = self._consumer.consume(max_messages, timeout_s)
+        except KafkaException as error:
+            raise TierUnavailableError(self._where, f"reading topic '{self.topic}': {error}") from None
+        entries = []
+        for record in records:
+            if record.error() is not None:
+                self._errors.append(record.error())
+            else:
+                entries.append((f"{record.partition()}:{record.offset()}", record.value()))
+        errors, self._errors[:] = list(self._errors), []
+        if errors and not entries:
+            raise TierUnavailableError(self._where, f"reading topic '{self.topic}': {errors[-1]}")
+        return entries
+
+    def done(self, message_id: str) -> None:
+        partition, _, offset = message_id.partition(":")
+        self._done[int(partition)] = int(offset)
+
+    def end(self) -> dict[int, int]:
+        """The last offset of each partition that holds records now."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        try:
+            topic = self._consumer.list_topics(self.topic, timeout=5).topics[self.topic]
+            if topic.error is not None:
+                raise TierUnavailableError(self._where, f"topic '{self.topic}': {topic.error}")
+            ends = {}
+            for partition in topic.partitions:
+                low, high = self._consumer.get_watermark_offsets(TopicPartition(self.topic, partition), timeout=5)
+                if high > low:
+                    ends[partition] = high - 1
+        except KafkaException as error:
+            raise TierUnavailableError(self._where, f"reading topic '{self.topic}': {error}") from None
+        return ends
+
+    def reached(self, end: object) -> bool:
+        return all(self._done.get(p, -1) >= offset for p, offset in dict(end).items())  # type: ignore[call-overload]
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class KafkaPublisher:
+    """Appends messages to a topic, each keyed by its table (one partition a table: their order holds)."""
+
+    def __init__(self, brokers: str, topic: str, timeout_s: float = 30.0) -> None:
+        from confluent_kafka import Producer
+
+        self.stream = topic
+        self._where = f"kafka {brokers}"
+        self._timeout_s = timeout_s
+        self._producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True, "log_level": 0,
+                                   "message.timeout.ms": int(timeout_s * 1e3)})
+
+    def publish(self, table: str, keys: np.ndarray, rows: np.ndarray,
+                rows_per_message: int = ROWS_PER_MESSAGE) -> list[str]:
+        """Appends the rows as messages and waits until the broker has them all; their ids, in order."""
+        delivered: list[str] = []
+        failed: list[object] = []
+
+        def report(error: object, record: object) -> None:
+            if error is not None:
+                failed.append(error)
+            else:
+                delivered.append(f"{record.partition()}:{record.offset()}")  # type: ignore[attr-defined]
+
+        for payload in encode_chunks(table, keys, rows, rows_per_message, max_bytes=KAFKA_MAX_MESSAGE_BYTES):
+            while True:
+                try:
+                    self._producer.produce(self.stream, value=payload, key=table.encode(), on_delivery=report)
+                    break
+                except BufferError:  # the local queue is full: let it drain
+                    self._producer.poll(0.1)
+        undelivered = self._producer.flush(self._timeout_s + 5)  # past message.timeout.ms: each record reports
+        if failed or undelivered:
+            problem = failed[0] if failed else f"{undelivered} messages not delivered in {self._timeout_s:g} s"
+            raise TierUnavailableError(self._where, f"publishing to '{self.stream}': {problem}")
+        return delivered
+
+    def close(self) -> None:
+        self._producer.flush(self._timeout_s)
+
+
 def open_source(config: UpdateSourceConfig, default_stream: str) -> UpdateSource:
     if config.type == "redis_streams":
         return RedisStreamSource(config.address or "127.0.0.1:6379", config.stream or default_stream)
-    raise ConfigError(f"update_source.type '{config.type}' is not available in this version: use redis_streams")
+    if config.type == "kafka":
+        return KafkaSource(config.address or "127.0.0.1:9092", config.stream or default_stream)
+    raise ConfigError(f"update_source.type '{config.type}': nothing to read")
 
 
 # --- the consumer -----------------------------------------------------------------------------------------------
@@ -210,7 +346,7 @@ class UpdateStats:
     skipped_messages: int = 0  # skipped: the message could not be applied (logged with its id and why)
     read_errors: int = 0  # reads that failed (the source unreachable); retried
     write_errors: int = 0  # writes that failed on our side; retried, in order
-    position: str = "0"  # id of the last message applied or skipped
+    position: str = ""  # id of the last message applied or skipped
     last_error: str = ""
 
 
@@ -229,7 +365,7 @@ class UpdateConsumer:
         self._max_messages = max_messages
         self._poll_timeout_s = poll_timeout_s
         self._backoff_s = backoff_s
-        self._stats = UpdateStats(position=source.position)
+        self._stats = UpdateStats()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recserve-updates", daemon=True)
@@ -246,12 +382,12 @@ class UpdateConsumer:
         """Waits until every message the stream holds now is applied or skipped; False on timeout or when the
         source cannot say (unreachable: the consumer keeps trying in the background)."""
         try:
-            latest = self._source.latest()
+            end = self._source.end()
         except TierUnavailableError as error:
             log.warning("updates: cannot catch up at start: %s", error)
             return False
         deadline = time.monotonic() + timeout_s
-        while latest is not None and _id_order(self.stats().position) < _id_order(latest):
+        while not self._source.reached(end):
             if time.monotonic() > deadline or not self._thread.is_alive():
                 return False
             time.sleep(0.01)
@@ -302,6 +438,7 @@ class UpdateConsumer:
                 self._stop.wait(min(MAX_BACKOFF_S, self._backoff_s * 2 ** min(failures, 10)))
                 continue
             self._count(applied_messages=1, applied_rows=update.keys.size, position=entry_id)
+            self._source.done(entry_id)
             return True
         return False
 
@@ -317,6 +454,7 @@ class UpdateConsumer:
     def _reject(self, entry_id: str, error: Exception) -> bool:
         log.warning("updates: skipped message %s: %s", entry_id, error)
         self._count(skipped_messages=1, position=entry_id, last_error=f"message {entry_id}: {error}")
+        self._source.done(entry_id)
         return True
 
     def _count(self, *, position: str | None = None, last_error: str | None = None, **added: int) -> None:
@@ -330,6 +468,7 @@ class UpdateConsumer:
 
 
 def _id_order(entry_id: str) -> tuple[int, int]:
+    """A Redis stream id as numbers, in the stream's order."""
     milliseconds, _, sequence = entry_id.partition("-")
     return int(milliseconds), int(sequence or 0)
 
