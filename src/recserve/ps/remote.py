@@ -14,10 +14,10 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from recserve.errors import RecserveError, TierUnavailableError
-from recserve.ps.tiers import LookupResult, Tier, TierTableStats
+from recserve.ps.tiers import LookupResult, ReadOnlyTier, Tier
 
 
-class RemoteTier:
+class RemoteTier(ReadOnlyTier):
     """The worker side: `lookup` asks the owning process; writes are refused (they go through the owner)."""
 
     def __init__(self, name: str, connection: Connection) -> None:
@@ -37,35 +37,11 @@ class RemoteTier:
         rows, found = payload
         return LookupResult(rows=rows, found=found)
 
-    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
-               ) -> None:
-        self._refuse_write()
-
-    def update_token(self, table: str) -> int | None:
-        return None  # nothing is ever promoted into this tier: it is the slowest
-
-    def begin_update(self, table: str) -> None:
-        self._refuse_write()
-
-    def end_update(self, table: str) -> None:
-        self._refuse_write()
-
-    def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
-        self._refuse_write()
-        return 0
-
-    def evict(self, table: str, keys: np.ndarray) -> int:
-        self._refuse_write()
-        return 0
-
-    def stats(self) -> dict[str, TierTableStats]:
-        return {}  # what the tier holds is reported by its owner
-
     def close(self) -> None:
         self._connection.close()
 
-    def _refuse_write(self) -> None:
-        raise TierUnavailableError(self.name, "read-only view from a worker: write through the owning process")
+    def refusal(self) -> Exception:
+        return TierUnavailableError(self.name, "read-only view from a worker: write through the owning process")
 
 
 def serve_lookups(tier: Tier, connection: Connection) -> None:

@@ -32,7 +32,15 @@ from recserve.errors import InvalidInputError, NotFoundError
 from recserve.ps.cache import CacheTier
 from recserve.ps.keys import as_keys, unique_inverse
 from recserve.ps.pooling import add_to_bags, as_offsets
-from recserve.ps.tiers import LookupResult, PooledResult, PoolingTier, Tier, TierTableStats, check_rows
+from recserve.ps.tiers import (
+    LookupResult,
+    PooledResult,
+    PoolingTier,
+    ReadOnlyTier,
+    Tier,
+    TierTableStats,
+    check_rows,
+)
 from recserve.stats import HistogramSnapshot, LatencyHistogram
 
 # a pooled lookup of this many tables or more goes to their first tier in one call (`lookup_pooled_tables`); for
@@ -485,10 +493,10 @@ class HierarchicalPS:
         )
 
 
-class ReadThrough:
-    """Tiers read as one, fastest first, rows found below promoted upward (a Tier, read-only: writes go through
-    the HierarchicalPS that owns the tiers). How the serving process answers its workers' DRAM misses from the
-    tiers below the DRAM tier: Redis, then RocksDB."""
+class ReadThrough(ReadOnlyTier):
+    """Tiers read as one, fastest first, rows found below promoted upward; writes go through the HierarchicalPS
+    that owns the tiers. How the serving process answers its workers' DRAM misses from the tiers below its DRAM
+    tier: Redis, then RocksDB."""
 
     def __init__(self, tables: list[TableConfig], tiers: list[Tier]) -> None:
         self.name = "+".join(tier.name for tier in tiers)
@@ -497,32 +505,8 @@ class ReadThrough:
     def lookup(self, table: str, keys: np.ndarray) -> LookupResult:
         return self._ps.lookup_found(table, keys)
 
-    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
-               ) -> None:
-        self._refuse_write()
-
-    def update_token(self, table: str) -> int | None:
-        return None  # nothing is promoted into a read-only view; its own tiers take tokens of their own
-
-    def begin_update(self, table: str) -> None:
-        pass  # the owning PS marks writes on the tiers themselves
-
-    def end_update(self, table: str) -> None:
-        pass
-
-    def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
-        self._refuse_write()
-        return 0
-
-    def evict(self, table: str, keys: np.ndarray) -> int:
-        self._refuse_write()
-        return 0
-
-    def stats(self) -> dict[str, TierTableStats]:
-        return {}  # its tiers report what they hold, through their owner
-
     def close(self) -> None:
         pass  # the tiers are the owner's to close
 
-    def _refuse_write(self) -> None:
-        raise InvalidInputError(f"{self.name}: a read-only view; write through the parameter server that owns it")
+    def refusal(self) -> Exception:
+        return InvalidInputError(f"{self.name}: a read-only view; write through the parameter server that owns it")

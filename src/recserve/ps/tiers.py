@@ -80,6 +80,39 @@ class Tier(Protocol):
         ...
 
 
+class ReadOnlyTier:
+    """A view of tiers that someone else owns and writes (a worker's pipe to the serving process, the serving
+    process's view of the tiers below its DRAM tier): every write refused with `refusal()`, nothing promoted into
+    it, nothing held of its own to report. Subclasses give `name`, `lookup`, `close` and `refusal`."""
+
+    name: str
+
+    def insert(self, table: str, keys: np.ndarray, rows: np.ndarray, *, unless_updated_since: int | None = None
+               ) -> None:
+        raise self.refusal()
+
+    def update_token(self, table: str) -> int | None:
+        return None
+
+    def begin_update(self, table: str) -> None:
+        raise self.refusal()
+
+    def end_update(self, table: str) -> None:
+        raise self.refusal()
+
+    def update(self, table: str, keys: np.ndarray, rows: np.ndarray) -> int:
+        raise self.refusal()
+
+    def evict(self, table: str, keys: np.ndarray) -> int:
+        raise self.refusal()
+
+    def stats(self) -> dict[str, TierTableStats]:
+        return {}  # what the tiers behind it hold, their owner reports
+
+    def refusal(self) -> Exception:
+        raise NotImplementedError
+
+
 def check_rows(table: str, rows: np.ndarray, num_keys: int, dim: int) -> None:
     """Rows written to a tier must be a real-valued [num_keys, dim] array."""
     if not isinstance(rows, np.ndarray):
