@@ -132,27 +132,34 @@ def _fields(keys: np.ndarray) -> list[bytes]:
     return [raw[i:i + 8] for i in range(0, len(raw), 8)]
 
 
-def connect(config: RedisTierConfig) -> redis.Redis | redis.cluster.RedisCluster:
-    """A client of the configured server or cluster. A failed call fails at once (redis-py would retry it 10
-    times with backoff, ~5 s): the PS then answers from the tiers below instead of stalling."""
+def connect(address: str, *, timeout_s: float, connect_timeout_s: float, cluster: bool = False,
+            user_name: str = "default", password: str = "", field: str = "redis.address"
+            ) -> redis.Redis | redis.cluster.RedisCluster:
+    """A client of a server (`host:port`, or a redis:// / rediss:// / unix:// URL) or of a cluster (seed nodes
+    `host:port`, comma-separated); `field` names the setting in errors. A failed call fails at once: redis-py
+    would retry it 10 times with backoff (~5 s a call), hiding an outage from the tiers below (which answer
+    instead), from the update consumer's own backoff and from a publisher's caller."""
     import redis
     from redis.backoff import NoBackoff
     from redis.cluster import ClusterNode, RedisCluster
     from redis.retry import Retry
 
-    nodes = []
-    for address in config.address.split(","):
-        host, _, port = address.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise ConfigError(f"redis.address '{config.address}': give host:port, comma-separated for a cluster")
-        nodes.append((host, int(port)))
-    options = {"username": config.user_name, "password": config.password or None,
-               "socket_timeout": config.timeout_s, "socket_connect_timeout": config.timeout_s,
+    options = {"username": user_name if password else None, "password": password or None,
+               "socket_timeout": timeout_s, "socket_connect_timeout": connect_timeout_s,
                "retry": Retry(NoBackoff(), 0)}
-    if config.cluster:
+    if "://" in address and not cluster:
+        return redis.Redis.from_url(address, **options)
+    nodes = []
+    for node in address.split(","):
+        host, _, port = node.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"{field} '{address}': give host:port (or a redis:// URL), comma-separated host:port "
+                              "seed nodes for a cluster")
+        nodes.append((host, int(port)))
+    if cluster:
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in nodes], **options)
     if len(nodes) > 1:
-        raise ConfigError(f"redis.address '{config.address}' names several nodes: set redis.cluster true")
+        raise ConfigError(f"{field} '{address}' names several nodes: set redis.cluster true")
     return redis.Redis(host=nodes[0][0], port=nodes[0][1], **options)
 
 
@@ -167,7 +174,8 @@ class RedisTier:
         self._config = config
         self._specs = {t.name: t for t in tables}
         self._redis_error = redis.RedisError
-        self._client = connect(config)
+        self._client = connect(config.address, timeout_s=config.timeout_s, connect_timeout_s=config.timeout_s,
+                               cluster=config.cluster, user_name=config.user_name, password=config.password)
         self._write, self._update, self._evict, self._touch = (
             self._client.register_script(source) for source in (_WRITE, _UPDATE, _EVICT, _TOUCH))
         self._lock = threading.Lock()

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from recserve.errors import ConfigError, InvalidInputError, NotFoundError, TierUnavailableError
+from recserve.ps.redis import connect
 
 if TYPE_CHECKING:
     import redis
@@ -103,20 +104,9 @@ def encode_chunks(table: str, keys: np.ndarray, rows: np.ndarray, rows_per_messa
 # --- transport: Redis Streams ---------------------------------------------------------------------------------
 
 
-def redis_client(address: str, timeout_s: float) -> redis.Redis:
-    """`host:port`, or a redis:// / rediss:// / unix:// URL. A failed call fails at once: redis-py's own retries
-    (10, with backoff: ~5 s a call) would hide an outage from the consumer's backoff and the publisher's caller."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    options = {"socket_timeout": timeout_s, "socket_connect_timeout": 2.0, "retry": Retry(NoBackoff(), 0)}
-    if "://" in address:
-        return redis.Redis.from_url(address, **options)
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"update source address '{address}': give host:port or a redis:// URL")
-    return redis.Redis(host=host, port=int(port), **options)
+def redis_client(address: str) -> redis.Redis:
+    """A client of the stream's server (see `ps.redis.connect`: a failed call fails at once)."""
+    return connect(address, timeout_s=30.0, connect_timeout_s=2.0, field="update source address")  # type: ignore[return-value]
 
 
 class UpdateSource(Protocol):
@@ -151,7 +141,7 @@ class RedisStreamSource:
         self._cursor = start  # the last entry read ("0": before the first; "$": only entries added from now)
         self._done = "0-0"
         self._address = address
-        self._client = redis_client(address, timeout_s=30.0)
+        self._client = redis_client(address)
 
     def read(self, max_messages: int, timeout_s: float) -> list[tuple[str, bytes | None]]:
         import redis
@@ -192,7 +182,7 @@ class RedisStreamPublisher:
     def __init__(self, address: str, stream: str) -> None:
         self.stream = stream
         self._address = address
-        self._client = redis_client(address, timeout_s=30.0)
+        self._client = redis_client(address)
 
     def publish(self, table: str, keys: np.ndarray, rows: np.ndarray,
                 rows_per_message: int = ROWS_PER_MESSAGE) -> list[str]:
