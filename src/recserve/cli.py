@@ -360,9 +360,7 @@ def _run_follow(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.config}: update_source.type is 'disabled': there is nothing to follow")
     source = open_source(settings, args.stream)
     with HierarchicalPS.from_config(config.ps) as ps:
-        consumer = UpdateConsumer(ps, source, max_messages=settings.max_batch_size,
-                                  poll_timeout_s=settings.poll_timeout_ms / 1e3,
-                                  backoff_s=settings.failure_backoff_ms / 1e3).start()
+        consumer = UpdateConsumer.configured(ps, source, settings).start()
         try:
             while not (args.until_caught_up and consumer.catch_up(timeout_s=args.report_s)):
                 if args.until_caught_up and consumer.stats().read_errors:  # a batch job fails rather than waits

@@ -360,6 +360,13 @@ class UpdateConsumer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="recserve-updates", daemon=True)
 
+    @classmethod
+    def configured(cls, ps: HierarchicalPS, source: UpdateSource, settings: UpdateSourceConfig,
+                   table_names: Mapping[str, str] | None = None) -> UpdateConsumer:
+        """A consumer with the read size, poll timeout and backoff of `settings`."""
+        return cls(ps, source, table_names=table_names, max_messages=settings.max_batch_size,
+                   poll_timeout_s=settings.poll_timeout_ms / 1e3, backoff_s=settings.failure_backoff_ms / 1e3)
+
     def start(self) -> UpdateConsumer:
         self._thread.start()
         return self

@@ -225,9 +225,7 @@ def _start_updates(folder: Path, spec: ModelSpec, config: ServingConfig, ps: Hie
     must; the model reports ready once what the stream holds now is applied (or the wait times out)."""
     settings = config.update_source
     names = {t.name: t.name for t in spec.tables} | {short_name(spec, t.name): t.name for t in spec.tables}
-    updates = UpdateConsumer(ps, source, table_names=names, max_messages=settings.max_batch_size,
-                             poll_timeout_s=settings.poll_timeout_ms / 1e3,
-                             backoff_s=settings.failure_backoff_ms / 1e3).start()
+    updates = UpdateConsumer.configured(ps, source, settings, table_names=names).start()
     if not updates.catch_up(settings.catch_up_timeout_s):
         log.warning("model %s: serving before the update stream is applied (%s)", folder.name,
                     updates.stats().last_error or "still catching up")
