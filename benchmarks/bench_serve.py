@@ -27,8 +27,10 @@ import os
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ import tritonclient.http as triton_http
 
 from recserve.allocator import retain_freed_memory
 from recserve.config import DramTierConfig, PSConfig, RocksTierConfig, SchedulerConfig
-from recserve.loadgen.targets import triton_inputs
+from recserve.loadgen.targets import ClientRegion, triton_inputs
 from recserve.loadgen.workload import Query as LoadQuery
 from recserve.loadgen.workload import as_v2_arrays
 from recserve.models import table_configs
@@ -129,6 +131,25 @@ class InProcess:
         self.ps.close()
 
 
+class ShmCall:
+    """A client whose queries' inputs go through its region of shared memory (`--allow-client-shm`): each call
+    writes its query's arrays into the region, and the request only says where they lie."""
+
+    def __init__(self, module: ModuleType, address: str, pool: list[dict[str, np.ndarray]]) -> None:
+        self.client = module.InferenceServerClient(address)
+        self.pool = pool
+        size = max(sum(array.nbytes for array in arrays.values()) for arrays in pool)
+        self.region = ClientRegion(self.client, module, f"bench-serve-{uuid.uuid4().hex[:12]}", size)
+        self.prepared = [self.region.inputs(arrays) for arrays in pool]
+
+    def __call__(self, i: int) -> None:
+        self.region.write_all(self.pool[i % len(self.pool)])
+        self.client.infer("rmc1", self.prepared[i % len(self.prepared)])
+
+    def close(self) -> None:
+        self.region.close()
+
+
 def median_run(runs: list[dict]) -> dict:
     """The run with the median items/s (its other figures with it)."""
     return sorted(runs, key=lambda run: run["items_per_s"])[len(runs) // 2]
@@ -146,19 +167,27 @@ def closed_loop(make_call: Callable[[], Callable[[int], None]], num_queries: int
     ready = threading.Barrier(clients + 1)
 
     def run() -> None:
-        call = make_call()
-        call(0)  # connect and warm up
+        try:
+            call = make_call()
+            call(0)  # connect and warm up
+        except BaseException:
+            ready.abort()  # the others, and the caller, stop waiting for this client
+            raise
         ready.wait()
-        while True:
-            with lock:
-                index = next(counter, None)
-            if index is None:
-                return
-            t = time.perf_counter()
-            call(index)
-            elapsed = time.perf_counter() - t
-            with lock:
-                latencies.append(elapsed)
+        try:
+            while True:
+                with lock:
+                    index = next(counter, None)
+                if index is None:
+                    return
+                t = time.perf_counter()
+                call(index)
+                elapsed = time.perf_counter() - t
+                with lock:
+                    latencies.append(elapsed)
+        finally:
+            if isinstance(call, ShmCall):
+                call.close()  # on the client's own thread: tritonclient's HTTP client is bound to it
 
     threads = [threading.Thread(target=run) for _ in range(clients)]
     for thread in threads:
@@ -206,7 +235,7 @@ def main() -> None:
         queries = [pool[i % len(pool)] for i in range(num_queries)]
         one_item = [generator.query(1) for _ in range(16)]
 
-        server = spawn_server(repo)
+        server = spawn_server(repo, "--allow-client-shm")
         local_model = InProcess(repo / "rmc1")
         http_address, grpc_address = server.http, server.grpc
         try:
@@ -225,6 +254,9 @@ def main() -> None:
                     return lambda i: client.infer("rmc1", prepared[i % len(prepared)], outputs=outputs)
                 return make
 
+            def shm_call(module: ModuleType, address: str, pool_: list[Query]) -> Callable[[], ShmCall]:
+                return lambda: ShmCall(module, address, [v2_arrays(spec, q) for q in pool_])
+
             workers = children(server.process.pid)
 
             def cpu() -> dict[str, float]:
@@ -232,11 +264,15 @@ def main() -> None:
                         "workers": sum(cpu_s(w) for w in workers)}
 
             # in turn, so that the machine's drift (2x within minutes here) falls on every mode alike
-            runs: dict[str, list[dict]] = {"inprocess": [], "grpc": [], "http": []}
+            runs: dict[str, list[dict]] = {"inprocess": [], "grpc": [], "http": [], "grpc_shm": [], "http_shm": []}
             for round_ in range(args.rounds):
                 runs["inprocess"].append(local_model.run(queries))
                 runs["grpc"].append(closed_loop(grpc_call(pool), num_queries, args.clients, ITEMS, cpu))
                 runs["http"].append(closed_loop(http_call(pool), num_queries, args.clients, ITEMS, cpu))
+                runs["grpc_shm"].append(closed_loop(shm_call(triton_grpc, grpc_address, pool), num_queries,
+                                                    args.clients, ITEMS, cpu))
+                runs["http_shm"].append(closed_loop(shm_call(triton_http, http_address, pool), num_queries,
+                                                    args.clients, ITEMS, cpu))
                 print(f"round {round_ + 1}: " + ", ".join(f"{mode} {r[-1]['items_per_s']:.0f} items/s"
                                                           for mode, r in runs.items()), flush=True)
             torch.set_num_threads(1)  # as a worker runs it (k = 1)
@@ -245,8 +281,10 @@ def main() -> None:
             print(f"1-item in-process p50: {one_item_hot} ms back to back, {one_item_after_idle} ms after 8 ms idle",
                   flush=True)
             local_model.close()  # its threads and memory stay out of the latency runs
-            local, served_grpc, served_http = (median_run(runs[mode]) for mode in ("inprocess", "grpc", "http"))
-            print(f"in-process      {local}\nserved gRPC     {served_grpc}\nserved HTTP     {served_http}", flush=True)
+            local, served_grpc, served_http, shm_grpc, shm_http = (
+                median_run(runs[mode]) for mode in ("inprocess", "grpc", "http", "grpc_shm", "http_shm"))
+            print(f"in-process      {local}\nserved gRPC     {served_grpc}\nserved HTTP     {served_http}\n"
+                  f"gRPC + shm      {shm_grpc}\nHTTP + shm      {shm_http}", flush=True)
             single = max(200, num_queries)
             one_grpc = closed_loop(grpc_call(one_item), single, 1, 1)
             print(f"1-item gRPC     {one_grpc}", flush=True)
@@ -259,11 +297,15 @@ def main() -> None:
     print(json.dumps({
         "grpc_vs_inprocess": round(served_grpc["items_per_s"] / local["items_per_s"], 3),
         "http_vs_inprocess": round(served_http["items_per_s"] / local["items_per_s"], 3),
+        "grpc_shm_vs_inprocess": round(shm_grpc["items_per_s"] / local["items_per_s"], 3),
+        "http_shm_vs_inprocess": round(shm_http["items_per_s"] / local["items_per_s"], 3),
         "p50_1item_ms": one_grpc["p50_ms"],
         "p50_1item_http_ms": one_http["p50_ms"],
         "inprocess_1item_hot_ms": one_item_hot, "inprocess_1item_after_idle_ms": one_item_after_idle,
-        **cpu_bounds(local["cpu_ms_per_query"], {"grpc": served_grpc, "http": served_http}),
-        "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_1item": one_grpc, "http_1item": one_http,
+        **cpu_bounds(local["cpu_ms_per_query"], {"grpc": served_grpc, "http": served_http, "grpc_shm": shm_grpc,
+                                                 "http_shm": shm_http}),
+        "inprocess": local, "grpc": served_grpc, "http": served_http, "grpc_shm": shm_grpc, "http_shm": shm_http,
+        "grpc_1item": one_grpc, "http_1item": one_http,
         "rounds": {mode: [r["items_per_s"] for r in mode_runs] for mode, mode_runs in runs.items()},
         "config": {"items_per_query": ITEMS, "workers": args.workers, "threads_per_worker": args.threads,
                    "batch_size": args.batch_size, "clients": args.clients, "idle_spin_us": args.idle_spin_us,

@@ -114,6 +114,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body or message, MiB")
     serve.add_argument("--online-tune", action="store_true",
                        help="re-tune every model's scheduler on its live traffic when load or p95 drifts")
+    serve.add_argument("--allow-client-shm", action="store_true",
+                       help="let clients pass tensors through /dev/shm regions they register (Triton's system "
+                       "shared-memory extension): for clients on this machine; a region gives whoever reaches the "
+                       "server that file's contents, with the server's rights")
     serve.set_defaults(run=_run_serve)
 
     repo = commands.add_parser("repo", help="write a model repository of reference models with seeded weights")
@@ -184,7 +188,8 @@ def _run_serve(args: argparse.Namespace) -> int:
     from recserve.serve.app import ServeOptions, run
 
     run(ServeOptions(repo=args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                     max_body_bytes=int(args.max_body_mb * (1 << 20)), online_tuning=args.online_tune))
+                     max_body_bytes=int(args.max_body_mb * (1 << 20)), online_tuning=args.online_tune,
+                     allow_client_shm=args.allow_client_shm))
     return 0
 
 

@@ -32,6 +32,72 @@ def triton_inputs(module: ModuleType, arrays: dict[str, np.ndarray], binary: boo
     return inputs
 
 
+class ClientRegion:
+    """A client's region of system shared memory, registered with a server (`--allow-client-shm`): the query's
+    tensors are written into it and the request only names where they lie (serve/shared_memory.py).
+
+    `client` is a synchronous tritonclient client (gRPC or HTTP) of the server, `module` its module (for the
+    InferInputs). The region is a POSIX shared-memory object made with the standard library, as tritonclient's
+    own helper does in its later releases (the release this project resolves needs pkg_resources for it, which
+    setuptools no longer ships). One query in flight per region: the next one's inputs overwrite this one's."""
+
+    def __init__(self, client: object, module: ModuleType, name: str, byte_size: int) -> None:
+        from multiprocessing import shared_memory
+
+        self._client, self._module = client, module
+        self.name, self.byte_size = name, byte_size
+        self._memory = shared_memory.SharedMemory(name, create=True, size=byte_size)
+        self.key = f"/{self._memory.name.lstrip('/')}"
+        try:
+            client.register_system_shared_memory(name, self.key, byte_size)  # type: ignore[attr-defined]
+        except BaseException:
+            self._release()
+            raise
+
+    def inputs(self, arrays: dict[str, np.ndarray]) -> list:
+        """InferInputs for named arrays, the arrays written one after another from the region's start."""
+        inputs, offset = [], 0
+        for name, array in arrays.items():
+            tensor = self._module.InferInput(name, list(array.shape), DATATYPE_OF[array.dtype])
+            tensor.set_shared_memory(self.name, array.nbytes, offset)
+            inputs.append(tensor)
+            offset += array.nbytes
+        self.write_all(arrays)
+        return inputs
+
+    def write_all(self, arrays: dict[str, np.ndarray]) -> None:
+        """The arrays one after another from the region's start, where `inputs` of the same arrays says they lie."""
+        offset = 0
+        for array in arrays.values():
+            self.write(array, offset)
+            offset += array.nbytes
+
+    def output(self, name: str, byte_size: int, offset: int = 0) -> object:
+        """A requested output the server is to write into this region, at offset."""
+        requested = self._module.InferRequestedOutput(name)
+        requested.set_shared_memory(self.name, byte_size, offset)
+        return requested
+
+    def write(self, array: np.ndarray, offset: int = 0) -> None:
+        if offset + array.nbytes > self.byte_size:
+            raise ValueError(f"region '{self.name}' has {self.byte_size} bytes, {array.nbytes} at {offset} overrun it")
+        view = np.ndarray(array.shape, array.dtype, buffer=self._memory.buf, offset=offset)
+        view[...] = array
+
+    def read(self, dtype: np.dtype, shape: list[int], offset: int = 0) -> np.ndarray:
+        return np.ndarray(shape, dtype, buffer=self._memory.buf, offset=offset).copy()
+
+    def close(self) -> None:
+        try:
+            self._client.unregister_system_shared_memory(self.name)  # type: ignore[attr-defined]
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        self._memory.close()
+        self._memory.unlink()
+
+
 class InProcessTarget:
     def __init__(self, executor: Executor) -> None:
         self.executor = executor

@@ -26,6 +26,7 @@ from recserve.serve.engine import InferenceServer
 from recserve.serve.grpc_server import build_server
 from recserve.serve.http_server import build_app
 from recserve.serve.online_tuning import OnlineTuning
+from recserve.serve.shared_memory import SharedMemoryRegistry
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class ServeOptions:
     grpc_port: int = 8001
     max_body_bytes: int = 64 << 20
     online_tuning: bool = False  # re-tune every model on its live traffic (else as each serve.yaml says)
+    allow_client_shm: bool = False  # clients may register /dev/shm regions for their tensors (Triton's flag)
 
 
 def run(options: ServeOptions) -> None:
@@ -46,7 +48,8 @@ def run(options: ServeOptions) -> None:
 
 
 async def serve(options: ServeOptions) -> None:
-    server = InferenceServer(options.repo, options.online_tuning)
+    shared_memory = SharedMemoryRegistry(options.allow_client_shm, options.max_body_bytes)
+    server = InferenceServer(options.repo, options.online_tuning, shared_memory)
     tuning = OnlineTuning(server)
     runner = web.AppRunner(build_app(server, options.max_body_bytes), handler_cancellation=True, access_log=None)
     await runner.setup()

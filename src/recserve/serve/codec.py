@@ -3,8 +3,10 @@
 A request body is a JSON header, optionally followed by raw tensor bytes (the binary extension); the HTTP header
 `Inference-Header-Content-Length` then says where the JSON ends. Every tensor declares `name`, `shape`,
 `datatype`, and either JSON `data` (flat or nested, row-major) or `parameters.binary_data_size`, its share of the
-binary tail, in order. Decoding checks all of it and names the offending input; nothing is evaluated or
-unpickled. Pure functions: the HTTP front end calls them, the tests drive them with tritonclient's own encoder.
+binary tail, in order, or `parameters.shared_memory_*`, its place in a region the client registered (the system
+shared-memory extension, `shared_memory.py`). Decoding checks all of it and names the offending input; nothing is
+evaluated or unpickled. Pure functions but for the regions' reads: the HTTP front end calls them, the tests drive
+them with tritonclient's own encoder.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from recserve.errors import InvalidInputError
+from recserve.serve.shared_memory import NO_SHARED_MEMORY, SharedInput, SharedMemoryRegistry, TensorRef
 
 DATATYPES: dict[str, np.dtype] = {
     name: np.dtype(dtype)
@@ -36,10 +39,13 @@ class InferRequest:
     inputs: dict[str, np.ndarray]  # name -> tensor of its declared shape and datatype
     outputs: dict[str, bool] = field(default_factory=dict)  # requested output -> wants binary data
     parameters: dict[str, Any] = field(default_factory=dict)
+    output_regions: dict[str, TensorRef] = field(default_factory=dict)  # outputs to write into shared memory
 
 
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
-    """Parse a v2 inference request body; `header_length` is Inference-Header-Content-Length, if sent."""
+def decode_request(body: bytes, header_length: int | None = None,
+                   shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY) -> InferRequest:
+    """Parse a v2 inference request body; `header_length` is Inference-Header-Content-Length, if sent;
+    `shared_memory`: the regions its tensors may name."""
     if header_length is None:
         header_length = len(body)
     if not 0 <= header_length <= len(body):
@@ -52,22 +58,34 @@ def decode_request(body: bytes, header_length: int | None = None) -> InferReques
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise InvalidInputError("request must have a non-empty list 'inputs'")
     inputs: dict[str, np.ndarray] = {}
+    shared: list[SharedInput] = []
+    seen: set[str] = set()
     offset = 0
     for position, raw in enumerate(raw_inputs):
         name, tensor, used = _decode_input(raw, position, binary, offset)
-        if name in inputs:
+        if name in seen:
             raise InvalidInputError(f"input '{name}' appears twice")
-        inputs[name] = tensor
+        seen.add(name)
+        if isinstance(tensor, np.ndarray):
+            inputs[name] = tensor
+        else:
+            shared.append((name, *tensor))
         offset += used
     if offset != len(binary):
         raise InvalidInputError(
             f"the binary section has {len(binary)} bytes, but the inputs declare {offset} (truncated or extra data)"
         )
+    outputs, output_regions = _requested_outputs(header.get("outputs", []))
+    for name, ref in output_regions.items():
+        shared_memory.check_output(ref, f"output '{name}'")
+    if shared:
+        inputs |= shared_memory.read_inputs(shared)
     return InferRequest(
         id=_string(header.get("id", ""), "id"),
         inputs=inputs,
-        outputs=_requested_outputs(header.get("outputs", [])),
+        outputs=outputs,
         parameters=_mapping(header.get("parameters", {}), "parameters"),
+        output_regions=output_regions,
     )
 
 
@@ -91,7 +109,9 @@ def timeout_parameter(parameters: dict[str, Any]) -> float | None:
     return value / 1e6
 
 
-def _decode_input(raw: object, position: int, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+def _decode_input(raw: object, position: int, binary: memoryview,
+                  offset: int) -> tuple[str, np.ndarray | tuple[TensorRef, np.dtype, list[int]], int]:
+    """(name, the tensor or where it lies in shared memory, bytes of the binary section it used)"""
     if not isinstance(raw, dict):
         raise InvalidInputError(f"inputs[{position}] must be an object")
     name = _string(raw.get("name"), f"inputs[{position}].name")
@@ -101,6 +121,11 @@ def _decode_input(raw: object, position: int, binary: memoryview, offset: int) -
     dtype = check_datatype(datatype, where)
     count = math.prod(shape)
     parameters = _mapping(raw.get("parameters", {}), f"{where}.parameters")
+    ref = TensorRef.from_parameters(parameters, where)
+    if ref is not None:
+        if "data" in raw or "binary_data_size" in parameters:
+            raise InvalidInputError(f"{where}: lies in shared memory, so it carries no data or binary_data_size")
+        return name, (ref, dtype, shape), 0
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -174,32 +199,39 @@ def _mapping(raw: object, where: str) -> dict:
     return raw
 
 
-def _requested_outputs(raw: object) -> dict[str, bool]:
+def _requested_outputs(raw: object) -> tuple[dict[str, bool], dict[str, TensorRef]]:
+    """Each requested output: whether it wants binary data; and the ones to write into shared memory."""
     if not isinstance(raw, list):
         raise InvalidInputError("'outputs' must be a list")
-    requested = {}
+    requested, regions = {}, {}
     for position, item in enumerate(raw):
         if not isinstance(item, dict):
             raise InvalidInputError(f"outputs[{position}] must be an object")
         name = _string(item.get("name"), f"outputs[{position}].name")
         parameters = _mapping(item.get("parameters", {}), f"output '{name}'.parameters")
         requested[name] = bool(parameters.get("binary_data", False))
-    return requested
+        ref = TensorRef.from_parameters(parameters, f"output '{name}'")
+        if ref is not None:
+            regions[name] = ref
+    return requested, regions
 
 
 def encode_response(
     model_name: str, model_version: str, request_id: str, outputs: dict[str, np.ndarray],
-    binary: dict[str, bool] | None = None,
+    binary: dict[str, bool] | None = None, placed: dict[str, TensorRef] | None = None,
 ) -> tuple[bytes, int | None]:
-    """A v2 response body and, when any output travels as binary, the length of its JSON header."""
-    binary = binary or {}
+    """A v2 response body and, when any output travels as binary, the length of its JSON header. `placed`: the
+    outputs already written into shared memory, described by their place instead of their data."""
+    binary, placed = binary or {}, placed or {}
     described, tails = [], []
     for name, tensor in outputs.items():
         datatype = DATATYPE_OF.get(tensor.dtype)
         if datatype is None:
             raise TypeError(f"output '{name}': no v2 datatype for {tensor.dtype}")
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(tensor.shape)}
-        if binary.get(name):
+        if name in placed:
+            entry["parameters"] = placed[name].parameters()
+        elif binary.get(name):
             raw = np.ascontiguousarray(tensor).tobytes()
             entry["parameters"] = {"binary_data_size": len(raw)}
             tails.append(raw)

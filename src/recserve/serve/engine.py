@@ -34,6 +34,7 @@ from recserve.serve.codec import InferRequest
 from recserve.serve.metrics import Metrics
 from recserve.serve.online_tuning import tuner_for
 from recserve.serve.repository import ServedModel, load_model, model_folders
+from recserve.serve.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry, TensorRef
 from recserve.sparse import SparseBatch
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ SERVER_NAME = "recserve"
 MODEL_VERSION = "1"
 RESULT_GRACE_S = 30.0  # a query is answered or shed by its deadline; waiting longer means a worker hung
 EXTENSIONS = ["binary_tensor_data", "statistics", "model_configuration", "model_repository"]
+SHARED_MEMORY_EXTENSION = "system_shared_memory"  # listed only where clients may use it (--allow-client-shm)
 
 # error class -> (HTTP status, gRPC code, outcome label); the first match in order wins
 STATUS: list[tuple[type[BaseException], int, grpc.StatusCode, str]] = [
@@ -81,8 +83,10 @@ class _Outcome:
 
 
 class InferenceServer:
-    def __init__(self, repo: Path, online_tuning: bool = False) -> None:
+    def __init__(self, repo: Path, online_tuning: bool = False,
+                 shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY) -> None:
         self.repo = repo
+        self.shared_memory = shared_memory  # the regions clients registered, if the server lets them
         self.models: dict[str, ServedModel] = {}
         self.statistics: dict[str, ModelStatistics] = {}
         self.online_tuning = online_tuning  # re-tune every model online, whatever its serve.yaml says
@@ -113,8 +117,13 @@ class InferenceServer:
 
     def close(self) -> None:
         self.ready = False
+        self.shared_memory.close()
         for model in self.models.values():
             model.close()
+
+    @property
+    def extensions(self) -> list[str]:
+        return EXTENSIONS + [SHARED_MEMORY_EXTENSION] * self.shared_memory.enabled
 
     # --- lookups ---
 
@@ -179,6 +188,11 @@ class InferenceServer:
             except concurrent.futures.TimeoutError:
                 raise ServerError(f"model '{name}': no answer {wait_s:.0f} s after the deadline") from None
         return {"scores": outcome.result.scores}
+
+    def place_outputs(self, request: InferRequest, outputs: dict[str, np.ndarray]) -> dict[str, TensorRef]:
+        """Write the outputs the request asked for in shared memory; their places, as the response describes them."""
+        return {name: self.shared_memory.write_output(ref, outputs[name], f"output '{name}'")
+                for name, ref in request.output_regions.items()}
 
     @contextlib.contextmanager
     def _accounted(self, name: str, protocol: str) -> Iterator[_Outcome]:

@@ -30,6 +30,7 @@ from recserve.errors import InvalidInputError, RecserveError
 from recserve.serve.codec import DATATYPE_OF, InferRequest, check_datatype, check_shape, timeout_parameter
 from recserve.serve.engine import MODEL_VERSION, InferenceServer, raise_unless_recserve, status_of
 from recserve.serve.protocol import model_config_json, model_metadata_json, server_metadata, statistics_json
+from recserve.serve.shared_memory import NO_SHARED_MEMORY, SharedInput, SharedMemoryRegistry, TensorRef
 
 log = logging.getLogger(__name__)
 
@@ -48,23 +49,36 @@ CONTENTS_FIELD = {
 }
 
 
-def decode_infer_request(message: Any) -> InferRequest:
-    """A ModelInferRequest as the engine's InferRequest, every tensor checked against its declaration."""
+def decode_infer_request(message: Any, shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY) -> InferRequest:
+    """A ModelInferRequest as the engine's InferRequest, every tensor checked against its declaration; inputs in
+    shared memory read from the regions they name (which have no entry in raw_input_contents)."""
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        raise InvalidInputError(f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs")
+    places = [TensorRef.from_parameters(_parameters(t.parameters), f"input '{t.name}'") for t in message.inputs]
+    num_carried = places.count(None)
+    if raw and len(raw) != num_carried:
+        raise InvalidInputError(f"raw_input_contents has {len(raw)} entries for {num_carried} inputs "
+                                "not in shared memory")
     if not message.inputs:
         raise InvalidInputError("request has no inputs")
     inputs: dict[str, np.ndarray] = {}
-    for position, tensor in enumerate(message.inputs):
+    shared: list[SharedInput] = []
+    seen: set[str] = set()
+    carried = iter(raw)
+    for tensor, place in zip(message.inputs, places, strict=True):
         where = f"input '{tensor.name}'"
-        if tensor.name in inputs:
+        if tensor.name in seen:
             raise InvalidInputError(f"{where} appears twice")
+        seen.add(tensor.name)
         shape = check_shape(list(tensor.shape), where)
         dtype = check_datatype(tensor.datatype, where)
         count = math.prod(shape)
+        if place is not None:
+            if tensor.HasField("contents"):
+                raise InvalidInputError(f"{where}: lies in shared memory, so it carries no contents")
+            shared.append((tensor.name, place, dtype, shape))
+            continue
         if raw:
-            data = raw[position]
+            data = next(carried)
             if len(data) != count * dtype.itemsize:
                 raise InvalidInputError(f"{where}: raw content has {len(data)} bytes, shape {shape} of "
                                         f"{tensor.datatype} needs {count * dtype.itemsize}")
@@ -80,10 +94,30 @@ def decode_infer_request(message: Any) -> InferRequest:
             inputs[tensor.name] = np.array(values, dtype=dtype).reshape(shape)
         except OverflowError:
             raise InvalidInputError(f"{where}: values outside the range of {tensor.datatype}") from None
+    output_regions = _output_regions(message.outputs, shared_memory)
+    if shared:
+        inputs |= shared_memory.read_inputs(shared)
     return InferRequest(
         id=message.id, inputs=inputs, outputs={o.name: True for o in message.outputs},
-        parameters={key: _parameter_value(value) for key, value in message.parameters.items()},
+        parameters=_parameters(message.parameters), output_regions=output_regions,
     )
+
+
+def _output_regions(outputs: Any, shared_memory: SharedMemoryRegistry) -> dict[str, TensorRef]:
+    """The requested outputs to write into shared memory, each place checked before the query runs."""
+    regions = {}
+    for output in outputs:
+        where = f"output '{output.name}'"
+        place = TensorRef.from_parameters(_parameters(output.parameters), where)
+        if place is not None:
+            shared_memory.check_output(place, where)
+            regions[output.name] = place
+    return regions
+
+
+def _parameters(parameters: Any) -> dict[str, object]:
+    """A map of InferParameter as plain values."""
+    return {key: _parameter_value(value) for key, value in parameters.items()}
 
 
 def _parameter_value(parameter: Any) -> object:
@@ -91,11 +125,18 @@ def _parameter_value(parameter: Any) -> object:
     return None if choice is None else getattr(parameter, choice)
 
 
-def encode_infer_response(name: str, request_id: str, outputs: dict[str, np.ndarray]) -> Any:
+def encode_infer_response(name: str, request_id: str, outputs: dict[str, np.ndarray],
+                          placed: dict[str, TensorRef] | None = None) -> Any:
+    """`placed`: the outputs already written into shared memory; they get their place and no raw contents."""
+    placed = placed or {}
     response = pb.ModelInferResponse(model_name=name, model_version=MODEL_VERSION, id=request_id)
     for output_name, tensor in outputs.items():
-        response.outputs.add(name=output_name, datatype=DATATYPE_OF[tensor.dtype], shape=list(tensor.shape))
-        response.raw_output_contents.append(np.ascontiguousarray(tensor).tobytes())
+        output = response.outputs.add(name=output_name, datatype=DATATYPE_OF[tensor.dtype], shape=list(tensor.shape))
+        if output_name in placed:
+            for key, value in placed[output_name].parameters().items():
+                setattr(output.parameters[key], "string_param" if isinstance(value, str) else "int64_param", value)
+        else:
+            response.raw_output_contents.append(np.ascontiguousarray(tensor).tobytes())
     return response
 
 
@@ -151,7 +192,7 @@ class InferenceService:
         return pb.ModelReadyResponse(ready=self.server.model_ready(request.name, request.version))
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return json_format.ParseDict(server_metadata(), pb.ServerMetadataResponse())
+        return json_format.ParseDict(server_metadata(self.server.extensions), pb.ServerMetadataResponse())
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         model = self.server.model(request.name, request.version)
@@ -175,15 +216,28 @@ class InferenceService:
                 response.models.add(name=name, version=MODEL_VERSION, state="READY" if ready else "UNAVAILABLE")
         return response
 
+    def SystemSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
+        regions = {region["name"]: region for region in self.server.shared_memory.status(request.name)}
+        return json_format.ParseDict({"regions": regions}, pb.SystemSharedMemoryStatusResponse())
+
+    def SystemSharedMemoryRegister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.server.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.server.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        infer_request = decode_infer_request(request)
+        infer_request = decode_infer_request(request, self.server.shared_memory)
         timeout_s = timeout_parameter(infer_request.parameters)
         remaining = context.time_remaining()  # the client's deadline; "forever" (~1e8 s) when it set none
         if remaining is not None and remaining < NO_DEADLINE_S:
             timeout_s = remaining if timeout_s is None else min(timeout_s, remaining)
         outputs = self.server.infer_blocking(request.model_name, request.model_version, infer_request, timeout_s,
                                              "grpc", context.add_callback)
-        return encode_infer_response(request.model_name, request.id, outputs)
+        placed = self.server.place_outputs(infer_request, outputs)
+        return encode_infer_response(request.model_name, request.id, outputs, placed)
 
     def handler(self) -> grpc.GenericRpcHandler:
         requests = {
@@ -192,6 +246,9 @@ class InferenceService:
             "ModelMetadata": pb.ModelMetadataRequest, "ModelConfig": pb.ModelConfigRequest,
             "ModelStatistics": pb.ModelStatisticsRequest, "RepositoryIndex": pb.RepositoryIndexRequest,
             "ModelInfer": pb.ModelInferRequest,
+            "SystemSharedMemoryStatus": pb.SystemSharedMemoryStatusRequest,
+            "SystemSharedMemoryRegister": pb.SystemSharedMemoryRegisterRequest,
+            "SystemSharedMemoryUnregister": pb.SystemSharedMemoryUnregisterRequest,
         }
         return grpc.method_handlers_generic_handler(SERVICE_NAME, {
             method: grpc.unary_unary_rpc_method_handler(

@@ -4,6 +4,9 @@
     GET  /v2/models/{model}[/versions/{v}] | .../ready | .../config | .../stats      GET /v2/models/stats
     POST /v2/models/{model}[/versions/{v}]/infer      JSON tensors or the binary tensor extension
     POST /v2/repository/index
+    GET  /v2/systemsharedmemory[/region/{name}]/status                 the system shared-memory extension
+    POST /v2/systemsharedmemory/region/{name}/register                 {"key", "offset", "byte_size"}
+    POST /v2/systemsharedmemory[/region/{name}]/unregister
     GET  /metrics                                     Prometheus text format
     GET | POST /v2/models/{model}/scheduler           the knobs (B, W, k, T, queue bound, latency target)
 
@@ -44,6 +47,11 @@ def build_app(server: InferenceServer, max_body_bytes: int) -> web.Application:
         web.get("/v2/models/stats", _statistics),
         web.post("/v2/repository/index", _repository_index),
         web.get("/metrics", _metrics),
+        web.get("/v2/systemsharedmemory/status", _shared_memory_status),
+        web.get("/v2/systemsharedmemory/region/{region}/status", _shared_memory_status),
+        web.post("/v2/systemsharedmemory/region/{region}/register", _shared_memory_register),
+        web.post("/v2/systemsharedmemory/unregister", _shared_memory_unregister),
+        web.post("/v2/systemsharedmemory/region/{region}/unregister", _shared_memory_unregister),
         web.get(f"{model}/scheduler", _scheduler),
         web.post(f"{model}/scheduler", _scheduler),
     ])
@@ -94,7 +102,7 @@ async def _ready(request: web.Request) -> web.Response:
 
 
 async def _server_metadata(request: web.Request) -> web.Response:
-    return web.json_response(server_metadata())
+    return web.json_response(server_metadata(_server(request).extensions))
 
 
 async def _model_metadata(request: web.Request) -> web.Response:
@@ -142,16 +150,39 @@ async def _scheduler(request: web.Request) -> web.Response:
     return web.json_response(state)
 
 
+async def _shared_memory_status(request: web.Request) -> web.Response:
+    return web.json_response(_server(request).shared_memory.status(request.match_info.get("region", "")))
+
+
+async def _shared_memory_register(request: web.Request) -> web.Response:
+    name = request.match_info["region"]
+    fields = codec.parse_json_object(await request.read(), "register request")
+    unknown = sorted(set(fields) - {"key", "offset", "byte_size"})
+    if unknown:
+        raise InvalidInputError(f"register request: unknown fields {unknown} (known: byte_size, key, offset)")
+    if "key" not in fields or "byte_size" not in fields:
+        raise InvalidInputError("register request needs 'key' and 'byte_size' (and optionally 'offset')")
+    _server(request).shared_memory.register(name, fields["key"], fields.get("offset", 0), fields["byte_size"])
+    return web.json_response({})
+
+
+async def _shared_memory_unregister(request: web.Request) -> web.Response:
+    _server(request).shared_memory.unregister(request.match_info.get("region", ""))
+    return web.json_response({})
+
+
 async def _infer(request: web.Request) -> web.Response:
     server = _server(request)
     name, version = request.match_info["model"], request.match_info.get("version", "")
     body = await _body(request)
     header_length = _header_length(request)
-    infer_request = codec.decode_request(body, header_length)
+    infer_request = codec.decode_request(body, header_length, server.shared_memory)
     timeout_s = codec.timeout_parameter(infer_request.parameters)
     outputs = await server.infer(name, version, infer_request, timeout_s, "http")
+    placed = server.place_outputs(infer_request, outputs)
     binary = {n: infer_request.outputs.get(n, False) or _binary_by_default(infer_request) for n in outputs}
-    response_body, json_length = codec.encode_response(name, MODEL_VERSION, infer_request.id, outputs, binary)
+    response_body, json_length = codec.encode_response(name, MODEL_VERSION, infer_request.id, outputs, binary,
+                                                       placed)
     headers = {"Content-Type": "application/octet-stream" if json_length is not None else "application/json"}
     if json_length is not None:
         headers[HEADER_LENGTH] = str(json_length)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from recserve.serve.engine import EXTENSIONS, MODEL_VERSION, SERVER_NAME, ModelStatistics
+from recserve.serve.engine import MODEL_VERSION, SERVER_NAME, ModelStatistics
 from recserve.serve.repository import ServedModel
 
 PLATFORM = "recserve_pytorch"
 
 
-def server_metadata() -> dict[str, Any]:
+def server_metadata(extensions: list[str]) -> dict[str, Any]:
     from recserve import __version__
 
-    return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": __version__, "extensions": extensions}
 
 
 def model_metadata_json(model: ServedModel) -> dict[str, Any]:

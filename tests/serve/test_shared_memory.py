@@ -1,0 +1,350 @@
+"""The system shared-memory extension: the registry against a plain model of its regions, the decoders, and the
+served models through tritonclient with their tensors in /dev/shm (the test server runs with --allow-client-shm)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as triton_grpc
+import tritonclient.http as triton_http
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tritonclient.utils import InferenceServerException
+
+from recserve.errors import InvalidInputError, NotFoundError
+from recserve.loadgen.targets import ClientRegion, triton_inputs
+from recserve.models.specs import model_spec
+from recserve.models.synthetic import QueryGenerator
+from recserve.serve import codec
+from recserve.serve.grpc_server import decode_infer_request, pb
+from recserve.serve.shared_memory import NO_SHARED_MEMORY, SharedMemoryRegistry, TensorRef
+from tests.conftest import reference_model, v2_inputs
+from tests.serve.conftest import Server
+
+FILE_BYTES = 64
+
+
+class ShmFile:
+    """A POSIX shared-memory object of the test's, removed afterwards."""
+
+    def __init__(self, size: int = FILE_BYTES) -> None:
+        self.memory = shared_memory.SharedMemory(f"recserve_test_{uuid.uuid4().hex[:12]}", create=True, size=size)
+        self.key = "/" + self.memory.name.lstrip("/")
+        self.path = Path("/dev/shm") / self.memory.name.lstrip("/")
+
+    def bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+    def close(self) -> None:
+        self.memory.close()
+        self.memory.unlink()
+
+
+@contextlib.contextmanager
+def two_files() -> Iterator[list[ShmFile]]:
+    files = [ShmFile() for _ in range(2)]
+    try:
+        for i, file in enumerate(files):
+            file.memory.buf[:] = bytes((i * 100 + j) % 256 for j in range(FILE_BYTES))
+        yield files
+    finally:
+        for file in files:
+            file.close()
+
+
+@pytest.fixture
+def shm_files() -> Iterator[list[ShmFile]]:
+    with two_files() as files:
+        yield files
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+# --- the registry against a plain model ---
+
+names = st.sampled_from(["a", "b", "c"])
+spans = st.tuples(st.integers(0, FILE_BYTES + 8), st.integers(0, FILE_BYTES + 8))  # (offset, byte size)
+operations = st.lists(st.one_of(
+    st.tuples(st.just("register"), names, st.integers(0, 1), spans),
+    st.tuples(st.just("unregister"), st.sampled_from(["a", "b", "c", ""])),
+    st.tuples(st.just("read"), names, spans),
+    st.tuples(st.just("write"), names, st.integers(0, FILE_BYTES + 8), st.binary(max_size=24)),
+), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=operations)
+def test_regions_behave_as_a_dict_of_byte_ranges(ops: list[tuple]) -> None:
+    """Every op sequence: reads return the files' bytes, writes land where a bytearray model says, errors where the
+    model has no such region or the span runs past it, and status lists what the model holds."""
+    with two_files() as shm_files:
+        check_against_model(shm_files, ops)
+
+
+def check_against_model(shm_files: list[ShmFile], ops: list[tuple]) -> None:
+    registry = SharedMemoryRegistry(enabled=True, max_request_bytes=1 << 20)
+    files = [bytearray(f.bytes()) for f in shm_files]
+    regions: dict[str, tuple[int, int, int]] = {}  # name -> (file, offset, byte size)
+    fds_before = open_fds()
+    for op in ops:
+        if op[0] == "register":
+            _, name, file, (offset, size) = op
+            if name in regions or offset + size > FILE_BYTES:
+                with pytest.raises(InvalidInputError):
+                    registry.register(name, shm_files[file].key, offset, size)
+            else:
+                registry.register(name, shm_files[file].key, offset, size)
+                regions[name] = (file, offset, size)
+        elif op[0] == "unregister":
+            registry.unregister(op[1])
+            if op[1]:
+                regions.pop(op[1], None)
+            else:
+                regions.clear()
+        elif op[0] == "read":
+            _, name, (offset, size) = op
+            ref = TensorRef(name, offset, size)
+            if name not in regions:
+                with pytest.raises(NotFoundError, match=f"no shared memory region '{name}'"):
+                    registry.read_inputs([("x", ref, np.dtype(np.uint8), [size])])
+            elif offset + size > regions[name][2]:
+                with pytest.raises(InvalidInputError, match="run past region"):
+                    registry.read_inputs([("x", ref, np.dtype(np.uint8), [size])])
+            else:
+                file, start, _ = regions[name]
+                got = registry.read_inputs([("x", ref, np.dtype(np.uint8), [size])])["x"]
+                assert got.tobytes() == bytes(files[file][start + offset : start + offset + size])
+        else:
+            _, name, offset, data = op
+            ref = TensorRef(name, offset, len(data))
+            tensor = np.frombuffer(data, dtype=np.uint8)
+            if name not in regions:
+                with pytest.raises(NotFoundError):
+                    registry.write_output(ref, tensor, "output 'x'")
+            elif offset + len(data) > regions[name][2]:
+                with pytest.raises(InvalidInputError, match="run past region"):
+                    registry.write_output(ref, tensor, "output 'x'")
+            else:
+                file, start, _ = regions[name]
+                assert registry.write_output(ref, tensor, "output 'x'") == ref
+                files[file][start + offset : start + offset + len(data)] = data
+        assert {s["name"]: (s["key"], s["offset"], s["byte_size"]) for s in registry.status()} == {
+            name: (shm_files[file].key, offset, size) for name, (file, offset, size) in regions.items()}
+    assert [bytearray(f.bytes()) for f in shm_files] == files
+    registry.close()
+    assert open_fds() == fds_before  # every region's descriptor closed with it
+
+
+def test_a_region_refuses_what_it_cannot_be(shm_files: list[ShmFile], tmp_path: Path) -> None:
+    registry = SharedMemoryRegistry(enabled=True, max_request_bytes=100)
+    key = shm_files[0].key
+    with pytest.raises(NotFoundError, match="no shared memory object with key '/recserve_test_absent'"):
+        registry.register("r", "/recserve_test_absent", 0, 8)
+    for bad in ("", "/", "/a/b", "../etc/passwd", "/..", 7):
+        with pytest.raises(InvalidInputError, match="key must be"):
+            registry.register("r", bad, 0, 8)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="one of the server's own files"):
+        registry.register("r", "/recserve-1234-mailbox-abcd", 0, 8)
+    with pytest.raises(InvalidInputError, match=f"offset \\+ byte_size is 72 bytes, but the object with key '{key}' "
+                                                "has 64"):
+        registry.register("r", key, 8, 64)
+    with pytest.raises(InvalidInputError, match="offset must be an integer >= 0, got -1"):
+        registry.register("r", key, -1, 8)
+    link = Path("/dev/shm") / f"recserve_test_link_{uuid.uuid4().hex[:8]}"
+    link.symlink_to(shm_files[0].path)
+    try:
+        with pytest.raises(InvalidInputError, match="cannot open key"):
+            registry.register("r", "/" + link.name, 0, 8)  # no following links out of /dev/shm
+    finally:
+        link.unlink()
+    registry.register("r", key, 0, 64)
+    with pytest.raises(InvalidInputError, match="region 'r' is already registered"):
+        registry.register("r", shm_files[1].key, 0, 8)
+    with pytest.raises(InvalidInputError, match="byte_size is 12, shape \\[2\\] of int64 needs 16"):
+        registry.read_inputs([("k", TensorRef("r", 0, 12), np.dtype(np.int64), [2])])
+    with pytest.raises(InvalidInputError, match="the inputs in shared memory are 128 bytes, more than the 100"):
+        registry.read_inputs([(n, TensorRef("r", 0, 64), np.dtype(np.uint8), [64]) for n in "ab"])
+    with pytest.raises(InvalidInputError, match="output 'scores': shared_memory_byte_size is 4, the output needs 8"):
+        registry.write_output(TensorRef("r", 0, 4), np.zeros(2, np.float32), "output 'scores'")
+    assert registry.status("r") == [{"name": "r", "key": key, "offset": 0, "byte_size": 64}]
+    with pytest.raises(NotFoundError, match="status: no shared memory region 'nope'"):
+        registry.status("nope")
+
+
+def test_a_file_that_shrank_under_its_region_is_a_bad_request_not_a_crash(shm_files: list[ShmFile]) -> None:
+    """A mapped read past a shrunk file's end is SIGBUS; the registry reads with pread and names the problem."""
+    registry = SharedMemoryRegistry(enabled=True, max_request_bytes=1 << 20)
+    registry.register("r", shm_files[0].key, 0, 64)
+    os.truncate(shm_files[0].path, 16)
+    with pytest.raises(InvalidInputError, match="holds only 16 bytes now; its file shrank"):
+        registry.read_inputs([("k", TensorRef("r", 8, 16), np.dtype(np.int64), [2])])
+    assert registry.read_inputs([("k", TensorRef("r", 0, 16), np.dtype(np.int64), [2])])["k"].size == 2
+    registry.close()
+
+
+def test_off_unless_allowed() -> None:
+    """Without --allow-client-shm every part of the extension says so, and a request naming a region is refused."""
+    off = "system shared memory is off on this server \\(start it with --allow-client-shm\\)"
+    with pytest.raises(InvalidInputError, match=off):
+        NO_SHARED_MEMORY.register("r", "/x", 0, 8)
+    with pytest.raises(InvalidInputError, match=off):
+        NO_SHARED_MEMORY.status()
+    http_body = (b'{"inputs":[{"name":"k","shape":[2],"datatype":"INT64","parameters":'
+                 b'{"shared_memory_region":"r","shared_memory_byte_size":16}}]}')
+    with pytest.raises(InvalidInputError, match=off):
+        codec.decode_request(http_body)
+    message = pb.ModelInferRequest(model_name="m")
+    tensor = message.inputs.add(name="k", datatype="INT64", shape=[2])
+    tensor.parameters["shared_memory_region"].string_param = "r"
+    tensor.parameters["shared_memory_byte_size"].int64_param = 16
+    with pytest.raises(InvalidInputError, match=off):
+        decode_infer_request(message)
+
+
+def test_place_parameters_are_checked_by_name() -> None:
+    where = "input 'k'"
+    assert TensorRef.from_parameters({}, where) is None
+    assert TensorRef.from_parameters({"shared_memory_region": "r", "shared_memory_byte_size": 8,
+                                      "shared_memory_offset": 4}, where) == TensorRef("r", 4, 8)
+    for parameters, message in (
+        ({"shared_memory_region": "r"}, "shared_memory_region and shared_memory_byte_size must be given together"),
+        ({"shared_memory_offset": 4}, "shared_memory_offset given without shared_memory_region"),
+        ({"shared_memory_region": 3, "shared_memory_byte_size": 8}, "must be a region's name, got 3"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": -8}, "byte_size must be an integer >= 0, got -8"),
+        ({"shared_memory_region": "r", "shared_memory_byte_size": True}, "must be an integer >= 0, got True"),
+    ):
+        with pytest.raises(InvalidInputError, match=f"input 'k': .*{message}"):
+            TensorRef.from_parameters(parameters, where)
+
+
+# --- served, through tritonclient ---
+
+SPEC = model_spec("rmc1", "tiny")
+CLIENTS = {"grpc": triton_grpc, "http": triton_http}
+
+
+@pytest.fixture(scope="module")
+def query_and_scores(server: Server) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """An RMC1 query of 20 items (two sub-batches) and its in-process scores."""
+    query = QueryGenerator(SPEC, seed=41).query(20)
+    model, ps = reference_model(server.repo / "rmc1")
+    with ps, torch.inference_mode():
+        expected = model(query.dense, query.sparse).numpy()
+    return v2_inputs(SPEC, query.dense.numpy(), query.sparse), expected
+
+
+def client_of(server: Server, protocol: str) -> object:
+    return CLIENTS[protocol].InferenceServerClient(server.http if protocol == "http" else server.grpc)
+
+
+def region_name() -> str:
+    return f"recserve_test_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.mark.parametrize("protocol", list(CLIENTS))
+def test_scores_through_shared_memory_equal_in_process_scores(protocol: str, live_server: Server,
+                                                              query_and_scores: tuple) -> None:
+    """Inputs and the scores through regions: the in-process scores; the response names the output's place."""
+    arrays, expected = query_and_scores
+    client, module = client_of(live_server, protocol), CLIENTS[protocol]
+    assert "system_shared_memory" in _extensions(client)
+    inputs = ClientRegion(client, module, region_name(), sum(a.nbytes for a in arrays.values()))
+    outputs = ClientRegion(client, module, region_name(), 4096)
+    try:
+        registered = {s["name"] if isinstance(s, dict) else s: s for s in _status(client)}
+        assert {inputs.name, outputs.name} <= set(registered)
+        offset = 512  # the output anywhere in its region
+        result = client.infer("rmc1", inputs.inputs(arrays), outputs=[outputs.output("scores", 4096 - offset, offset)])
+        described = result.get_output("scores")
+        parameters = described["parameters"] if protocol == "http" else {
+            k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in described.parameters.items()}
+        assert parameters == {"shared_memory_region": outputs.name, "shared_memory_byte_size": expected.nbytes,
+                              "shared_memory_offset": offset}
+        np.testing.assert_allclose(outputs.read(np.float32, list(expected.shape), offset), expected, rtol=1e-5,
+                                   atol=1e-6)
+        plain = client.infer("rmc1", inputs.inputs(arrays))  # inputs in the region, scores in the response
+        np.testing.assert_allclose(plain.as_numpy("scores"), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        inputs.close()
+        outputs.close()
+    assert not {inputs.name, outputs.name} & {s["name"] if isinstance(s, dict) else s for s in _status(client)}
+
+
+def test_grpc_mixes_inputs_in_shared_memory_with_raw_contents(live_server: Server, query_and_scores: tuple) -> None:
+    """Raw contents belong to the inputs that are not in a region, in order."""
+    arrays, expected = query_and_scores
+    client = triton_grpc.InferenceServerClient(live_server.grpc)
+    shared = {name: array for i, (name, array) in enumerate(arrays.items()) if i % 3 == 1}
+    region = ClientRegion(client, triton_grpc, region_name(), sum(a.nbytes for a in shared.values()))
+    try:
+        placed = dict(zip(shared, region.inputs(shared), strict=True))
+        carried = dict(zip(arrays, triton_inputs(triton_grpc, arrays), strict=True))
+        inputs = [placed.get(name, carried[name]) for name in arrays]
+        np.testing.assert_allclose(client.infer("rmc1", inputs).as_numpy("scores"), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        region.close()
+
+
+@pytest.mark.parametrize("protocol", list(CLIENTS))
+def test_bad_regions_are_refused_by_name_and_the_server_carries_on(protocol: str, live_server: Server,
+                                                                   query_and_scores: tuple) -> None:
+    arrays, expected = query_and_scores
+    client, module = client_of(live_server, protocol), CLIENTS[protocol]
+    invalid = "400" if protocol == "http" else str(grpc.StatusCode.INVALID_ARGUMENT)
+    not_found = "404" if protocol == "http" else str(grpc.StatusCode.NOT_FOUND)
+    size = sum(a.nbytes for a in arrays.values())
+    region = ClientRegion(client, module, region_name(), size)
+    try:
+        def refused(call: object, status: str, message: str) -> None:
+            with pytest.raises(InferenceServerException) as error:
+                call()  # type: ignore[operator]
+            assert error.value.status() == status and message in error.value.message(), error.value
+
+        refused(lambda: client.register_system_shared_memory("x", "/recserve_test_absent", 8), not_found,
+                "no shared memory object with key '/recserve_test_absent'")
+        refused(lambda: client.register_system_shared_memory("x", "/recserve-0-t", 8), invalid,
+                "one of the server's own files")
+        refused(lambda: client.register_system_shared_memory(region.name, region.key, 8), invalid,
+                "is already registered")
+        refused(lambda: client.register_system_shared_memory("x", region.key, size + 1), invalid,
+                f"offset + byte_size is {size + 1} bytes")
+        inputs = region.inputs(arrays)
+        inputs[0].set_shared_memory("nope", arrays["t0_keys"].nbytes)
+        refused(lambda: client.infer("rmc1", inputs), not_found, "input 't0_keys': no shared memory region 'nope'")
+        inputs = region.inputs(arrays)
+        inputs[0].set_shared_memory(region.name, arrays["t0_keys"].nbytes - 8)
+        refused(lambda: client.infer("rmc1", inputs), invalid, "input 't0_keys': shared_memory_byte_size is")
+        inputs[0].set_shared_memory(region.name, arrays["t0_keys"].nbytes, size - 8)
+        refused(lambda: client.infer("rmc1", inputs), invalid, "run past region")
+        refused(lambda: client.infer("rmc1", region.inputs(arrays), outputs=[region.output("scores", 8)]), invalid,
+                f"output 'scores': shared_memory_byte_size is 8, the output needs {expected.nbytes}")
+        inputs = region.inputs(arrays)
+        os.truncate(Path("/dev/shm") / region.key[1:], 64)  # the client shrinks its file under the server
+        refused(lambda: client.infer("rmc1", inputs), invalid, "its file shrank")
+        live_server.assert_alive()
+        os.truncate(Path("/dev/shm") / region.key[1:], size)
+        np.testing.assert_allclose(client.infer("rmc1", region.inputs(arrays)).as_numpy("scores"), expected,
+                                   rtol=1e-5, atol=1e-6)
+    finally:
+        region.close()
+
+
+def _extensions(client: object) -> list[str]:
+    metadata = client.get_server_metadata()  # type: ignore[attr-defined]
+    return metadata["extensions"] if isinstance(metadata, dict) else list(metadata.extensions)
+
+
+def _status(client: object) -> list:
+    status = client.get_system_shared_memory_status()  # type: ignore[attr-defined]
+    return status if isinstance(status, list) else list(status.regions)
