@@ -136,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
         where.add_argument("--http", help="a running server's HTTP address (load, and knobs for tune)")
         where.add_argument("--repo", type=Path, help="a model repository: load the model in this process")
         job.add_argument("--control", help="tune with --grpc: the server's HTTP address, for the knobs")
+        job.add_argument("--shared-memory", action="store_true",
+                         help="send the queries' inputs through /dev/shm (a server on this machine started with "
+                         "--allow-client-shm): the load generator then takes less of the cores it shares with it")
         job.add_argument("--model", default="rmc1")
         job.add_argument("--preset", choices=["tiny", "full"], default="tiny", help="the served model's preset")
         job.add_argument("--qps", type=float, default=50.0, help="offered load (bench; tune starts there)")
@@ -175,7 +178,10 @@ def _run_load_job(args: argparse.Namespace) -> int:
         )
     except ValidationError as error:
         raise ConfigError(describe_errors(error)) from None
-    endpoint = Endpoint(grpc=args.grpc, http=args.http or args.control, repo=args.repo, preset=args.preset)
+    if args.shared_memory and args.repo is not None:
+        raise ConfigError("--shared-memory is for a running server (--grpc or --http), not --repo")
+    endpoint = Endpoint(grpc=args.grpc, http=args.http or args.control, repo=args.repo, preset=args.preset,
+                        shared_memory=args.shared_memory)
     if args.run_name == "bench":
         document = bench(endpoint, load, args.out)
         return 1 if document["summary"].errors else 0  # a run with failed queries is not a measurement

@@ -3,6 +3,7 @@ served models through tritonclient with their tensors in /dev/shm (the test serv
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from recserve.errors import InvalidInputError, NotFoundError
-from recserve.loadgen.targets import ClientRegion, triton_inputs
+from recserve.loadgen.targets import ClientRegion, TritonTarget, triton_inputs
 from recserve.models.specs import model_spec
 from recserve.models.synthetic import QueryGenerator
 from recserve.serve import codec
@@ -262,8 +263,7 @@ def test_scores_through_shared_memory_equal_in_process_scores(protocol: str, liv
     inputs = ClientRegion(client, module, region_name(), sum(a.nbytes for a in arrays.values()))
     outputs = ClientRegion(client, module, region_name(), 4096)
     try:
-        registered = {s["name"] if isinstance(s, dict) else s: s for s in _status(client)}
-        assert {inputs.name, outputs.name} <= set(registered)
+        assert {inputs.name, outputs.name} <= _region_names(client)
         offset = 512  # the output anywhere in its region
         result = client.infer("rmc1", inputs.inputs(arrays), outputs=[outputs.output("scores", 4096 - offset, offset)])
         described = result.get_output("scores")
@@ -278,7 +278,7 @@ def test_scores_through_shared_memory_equal_in_process_scores(protocol: str, liv
     finally:
         inputs.close()
         outputs.close()
-    assert not {inputs.name, outputs.name} & {s["name"] if isinstance(s, dict) else s for s in _status(client)}
+    assert not {inputs.name, outputs.name} & _region_names(client)
 
 
 def test_grpc_mixes_inputs_in_shared_memory_with_raw_contents(live_server: Server, query_and_scores: tuple) -> None:
@@ -345,6 +345,49 @@ def _extensions(client: object) -> list[str]:
     return metadata["extensions"] if isinstance(metadata, dict) else list(metadata.extensions)
 
 
-def _status(client: object) -> list:
+def _region_names(client: object) -> set[str]:
     status = client.get_system_shared_memory_status()  # type: ignore[attr-defined]
-    return status if isinstance(status, list) else list(status.regions)
+    return {region["name"] for region in status} if isinstance(status, list) else set(status.regions)
+
+
+@pytest.mark.parametrize("protocol", list(CLIENTS))
+def test_the_load_generator_sends_through_regions_it_reuses(protocol: str, live_server: Server) -> None:
+    """`recserve bench --shared-memory`: a region per query in flight, kept for the next one, all gone on close;
+    each answer the in-process scores."""
+    from recserve.loadgen.workload import Query
+
+    sync_client = client_of(live_server, protocol)
+    generator = QueryGenerator(SPEC, seed=43)
+    queries = [generator.query(items) for items in (3, 9, 17, 30, 4, 10, 18, 29, 5, 11, 16, 31)]
+    model, ps = reference_model(live_server.repo / "rmc1")
+    with ps, torch.inference_mode():
+        expected = [model(q.dense, q.sparse).numpy() for q in queries]
+    answers: list[np.ndarray] = []
+
+    async def run() -> set[str]:
+        target = TritonTarget(live_server.http if protocol == "http" else live_server.grpc, "rmc1", SPEC, protocol,
+                              shared_memory=True)
+        original = target._client.infer
+
+        async def keep_scores(*args: object, **kwargs: object) -> object:
+            result = await original(*args, **kwargs)
+            answers.append(result.as_numpy("scores"))
+            return result
+
+        target._client.infer = keep_scores  # the target drops answers; the test wants to see them
+        try:
+            for group in range(3):  # four queries in flight at once, three times over
+                await asyncio.gather(*(target.infer(Query(dense=q.dense.numpy(), sparse=q.sparse), None)
+                                       for q in queries[4 * group : 4 * group + 4]))
+            return _region_names(sync_client)
+        finally:
+            await target.close()
+
+    registered = [name for name in asyncio.run(run()) if name.startswith("loadgen-")]
+    assert 1 <= len(registered) <= 4  # reused: never more regions than queries in flight
+    assert not [name for name in _region_names(sync_client) if name.startswith("loadgen-")]
+    assert not [f for f in os.listdir("/dev/shm") if f in registered]
+    expected_by_size = {e.shape[0]: e for e in expected}
+    assert len(answers) == len(queries)
+    for scores in answers:
+        np.testing.assert_allclose(scores, expected_by_size[scores.shape[0]], rtol=1e-5, atol=1e-6)

@@ -31,6 +31,7 @@ class Endpoint:
     repo: Path | None = None
     preset: str = "tiny"
     num_tasks: int = 3
+    shared_memory: bool = False  # inputs through /dev/shm regions (a server here, started with --allow-client-shm)
 
 
 @dataclass
@@ -62,7 +63,8 @@ def connect(endpoint: Endpoint, model: str) -> Iterator[Connected]:
         raise InvalidInputError("tuning needs --http: the knobs are set through its scheduler endpoint")
 
     control = HttpControl(endpoint.http, model) if endpoint.http else None
-    yield Connected(spec, lambda: TritonTarget(address, model, spec, protocol),  # type: ignore[arg-type]
+    yield Connected(spec, lambda: TritonTarget(address, model, spec, protocol,  # type: ignore[arg-type]
+                                                endpoint.shared_memory),
                     control.apply if control else no_control, control.accelerator_available() if control else False)
 
 

@@ -4,6 +4,9 @@ this process (quick runs, tests, the simulator's profiles). Each turns a refusal
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import uuid
 from types import ModuleType
 
 import numpy as np
@@ -36,23 +39,26 @@ class ClientRegion:
     """A client's region of system shared memory, registered with a server (`--allow-client-shm`): the query's
     tensors are written into it and the request only names where they lie (serve/shared_memory.py).
 
-    `client` is a synchronous tritonclient client (gRPC or HTTP) of the server, `module` its module (for the
-    InferInputs). The region is a POSIX shared-memory object made with the standard library, as tritonclient's
-    own helper does in its later releases (the release this project resolves needs pkg_resources for it, which
-    setuptools no longer ships). One query in flight per region: the next one's inputs overwrite this one's."""
+    `client` is a synchronous tritonclient client (gRPC or HTTP) of the server, which registers the region now
+    and unregisters it on `close`; None for an asyncio client, whose caller registers it (`TritonTarget`).
+    `module` is the client's module (for the InferInputs). The region is a POSIX shared-memory object made with
+    the standard library, as tritonclient's own helper does in its later releases (the release this project
+    resolves needs pkg_resources for it, which setuptools no longer ships). One query in flight per region: the
+    next one's inputs overwrite this one's."""
 
-    def __init__(self, client: object, module: ModuleType, name: str, byte_size: int) -> None:
+    def __init__(self, client: object | None, module: ModuleType, name: str, byte_size: int) -> None:
         from multiprocessing import shared_memory
 
         self._client, self._module = client, module
         self.name, self.byte_size = name, byte_size
         self._memory = shared_memory.SharedMemory(name, create=True, size=byte_size)
         self.key = f"/{self._memory.name.lstrip('/')}"
-        try:
-            client.register_system_shared_memory(name, self.key, byte_size)  # type: ignore[attr-defined]
-        except BaseException:
-            self._release()
-            raise
+        if client is not None:
+            try:
+                client.register_system_shared_memory(name, self.key, byte_size)  # type: ignore[attr-defined]
+            except BaseException:
+                self.unlink()
+                raise
 
     def inputs(self, arrays: dict[str, np.ndarray]) -> list:
         """InferInputs for named arrays, the arrays written one after another from the region's start."""
@@ -88,12 +94,14 @@ class ClientRegion:
         return np.ndarray(shape, dtype, buffer=self._memory.buf, offset=offset).copy()
 
     def close(self) -> None:
+        """Unregister the region (where this object registered it) and remove it."""
         try:
-            self._client.unregister_system_shared_memory(self.name)  # type: ignore[attr-defined]
+            if self._client is not None:
+                self._client.unregister_system_shared_memory(self.name)  # type: ignore[attr-defined]
         finally:
-            self._release()
+            self.unlink()
 
-    def _release(self) -> None:
+    def unlink(self) -> None:
         self._memory.close()
         self._memory.unlink()
 
@@ -123,9 +131,14 @@ class RecordingTarget(InProcessTarget):
 
 
 class TritonTarget:
-    """A model on a KServe v2 server, through tritonclient's asyncio client (`protocol` grpc or http)."""
+    """A model on a KServe v2 server, through tritonclient's asyncio client (`protocol` grpc or http).
 
-    def __init__(self, address: str, model: str, spec: ModelSpec, protocol: str = "grpc") -> None:
+    With `shared_memory` (a server on this machine started with --allow-client-shm), each query's inputs go
+    through a region of system shared memory instead of the request: a region per query in flight, kept for the
+    next query once answered, so that the load generator, which shares the server's cores, spends less of them."""
+
+    def __init__(self, address: str, model: str, spec: ModelSpec, protocol: str = "grpc",
+                 shared_memory: bool = False) -> None:
         if protocol == "grpc":
             import tritonclient.grpc.aio as client_module
         else:
@@ -133,11 +146,16 @@ class TritonTarget:
         self._module = client_module
         self._client = client_module.InferenceServerClient(address)
         self._model, self._spec, self._protocol = model, spec, protocol
+        self._shared_memory = shared_memory
+        self._idle_regions: list[ClientRegion] = []
+        self._regions: list[ClientRegion] = []  # every region registered, idle or not
 
     async def infer(self, query: Query, timeout_s: float | None) -> None:
         from tritonclient.utils import InferenceServerException
 
-        inputs = triton_inputs(self._module, as_v2_arrays(self._spec, query))
+        arrays = as_v2_arrays(self._spec, query)
+        region = await self._region(sum(array.nbytes for array in arrays.values())) if self._shared_memory else None
+        inputs = triton_inputs(self._module, arrays) if region is None else region.inputs(arrays)
         timeout_us = None if timeout_s is None else max(1, int(timeout_s * 1e6))
         try:
             await self._client.infer(self._model, inputs, timeout=timeout_us)
@@ -145,6 +163,39 @@ class TritonTarget:
             if str(error.status()) in REFUSED:
                 raise OverloadedError(error.message() or "refused") from None
             raise
+        finally:
+            if region is not None:
+                self._idle_regions.append(region)
+
+    async def _region(self, nbytes: int) -> ClientRegion:
+        """An idle region that holds nbytes, or a new one in place of an idle one too small (so there are never
+        more regions than queries were in flight at once); sizes in powers of two, so that few are made."""
+        for position, region in enumerate(self._idle_regions):
+            if region.byte_size >= nbytes:
+                return self._idle_regions.pop(position)
+        if self._idle_regions:
+            await self._forget(self._idle_regions.pop())
+        size = 1 << max(16, (nbytes - 1).bit_length())
+        region = ClientRegion(None, self._module, f"loadgen-{os.getpid()}-{uuid.uuid4().hex[:12]}", size)
+        try:
+            await self._client.register_system_shared_memory(region.name, region.key, size)
+        except BaseException:
+            region.unlink()
+            raise
+        self._regions.append(region)
+        return region
+
+    async def _forget(self, region: ClientRegion) -> None:
+        self._regions.remove(region)
+        try:
+            with contextlib.suppress(Exception):  # a server that is gone has no regions to forget
+                await self._client.unregister_system_shared_memory(region.name)
+        finally:
+            region.unlink()
 
     async def close(self) -> None:
-        await self._client.close()
+        try:
+            for region in list(self._regions):
+                await self._forget(region)
+        finally:
+            await self._client.close()
