@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -172,8 +173,9 @@ def test_a_region_refuses_what_it_cannot_be(shm_files: list[ShmFile], tmp_path: 
     registry.register("r", key, 0, 64)
     with pytest.raises(InvalidInputError, match="region 'r' is already registered"):
         registry.register("r", shm_files[1].key, 0, 8)
-    with pytest.raises(InvalidInputError, match="byte_size is 12, shape \\[2\\] of int64 needs 16"):
-        registry.read_inputs([("k", TensorRef("r", 0, 12), np.dtype(np.int64), [2])])
+    for size in (12, 24):
+        with pytest.raises(InvalidInputError, match=f"byte_size is {size}, shape \\[2\\] of int64 needs 16"):
+            registry.read_inputs([("k", TensorRef("r", 0, size), np.dtype(np.int64), [2])])
     with pytest.raises(InvalidInputError, match="the inputs in shared memory are 128 bytes, more than the 100"):
         registry.read_inputs([(n, TensorRef("r", 0, 64), np.dtype(np.uint8), [64]) for n in "ab"])
     with pytest.raises(InvalidInputError, match="output 'scores': shared_memory_byte_size is 4, the output needs 8"):
@@ -391,3 +393,38 @@ def test_the_load_generator_sends_through_regions_it_reuses(protocol: str, live_
     assert len(answers) == len(queries)
     for scores in answers:
         np.testing.assert_allclose(scores, expected_by_size[scores.shape[0]], rtol=1e-5, atol=1e-6)
+
+
+shm_values = (st.none() | st.booleans() | st.integers(-(2**65), 2**65) | st.integers(0, 80)
+              | st.sampled_from(["r", "x", ""]) | st.lists(st.integers(0, 4), max_size=2))
+any_parameters = st.dictionaries(
+    st.sampled_from(["shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "binary_data_size",
+                     "binary_data"]), shm_values, max_size=4)
+# a place that may well be read: a known or unknown region, a size, an offset
+place = st.fixed_dictionaries(
+    {"shared_memory_region": st.sampled_from(["r", "x"]), "shared_memory_byte_size": st.integers(0, 80)},
+    optional={"shared_memory_offset": st.integers(-2, 80)})
+tensor_head = {"name": st.sampled_from(["a", "b"]), "shape": st.lists(st.integers(-1, 10), max_size=2),
+               "datatype": st.sampled_from(["INT64", "FP32", "UINT8", "BOOL"])}
+shm_inputs = st.lists(st.one_of(
+    st.fixed_dictionaries(tensor_head | {"parameters": place}),
+    st.fixed_dictionaries(tensor_head, optional={"parameters": any_parameters,
+                                                 "data": st.lists(st.integers(0, 3), max_size=3)}),
+), min_size=1, max_size=2)
+shm_outputs = st.lists(st.fixed_dictionaries({"name": st.sampled_from(["scores", "s"])},
+                                             optional={"parameters": place | any_parameters}), max_size=2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(inputs=shm_inputs, outputs=shm_outputs)
+def test_random_shared_memory_requests_raise_only_their_errors(inputs: object, outputs: object) -> None:
+    """Whatever a request says of regions, decoding it either works or raises the errors that are answered 4xx."""
+    with two_files() as files:
+        registry = SharedMemoryRegistry(enabled=True, max_request_bytes=1 << 20)
+        registry.register("r", files[0].key, 0, 64)
+        body = json.dumps({"inputs": inputs, "outputs": outputs}).encode()
+        with contextlib.suppress(InvalidInputError, NotFoundError):  # anything else fails the test
+            request = codec.decode_request(body, shared_memory=registry)
+            for name, ref in request.output_regions.items():
+                registry.write_output(ref, np.zeros(2, np.float32), f"output '{name}'")
+        registry.close()
