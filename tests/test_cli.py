@@ -84,6 +84,8 @@ def test_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["import", "--config", str(config), "--table", "items", str(tmp_path / "ok.model")]) == 0
     assert main(["lookup", "--config", str(config), "--table", "nope", "1"]) == 2
     assert "unknown table 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--repo", str(tmp_path), "--shared-memory"]) == 2
+    assert "--shared-memory is for a running server" in capsys.readouterr().err
 
 
 def test_repo_writes_servable_model_folders(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
