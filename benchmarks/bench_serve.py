@@ -9,10 +9,13 @@ core. Served: `recserve serve` in its own process (W workers x k threads, B item
 flags), driven in a closed loop by `--clients` tritonclient clients (4), each with one query in flight: a query
 passes three stages in turn (the client encodes it, the server process receives it, a worker computes it), and
 with two in flight the cores sat idle between them. Client and server share the machine's cores, as a sidecar
-client would. The three modes run in turn, `--rounds` times, and
-each mode's median run counts: the machine's speed drifts by 2x within minutes. The last line is one JSON object:
-`grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s), `p50_1item_ms` (gRPC, one
-client, 1-item queries: the server's own overhead), the same query's in-process p50 back to back and after
+client would. Served twice more with each client's inputs in its own region of system shared memory (the server
+runs with --allow-client-shm): the request then only says where they lie. The five modes run in turn, `--rounds`
+times, and each mode's median run counts: the machine's speed drifts by 2x within minutes. The last line is one
+JSON object: `grpc_vs_inprocess` and `http_vs_inprocess` (served items/s / in-process items/s),
+`grpc_shm_vs_inprocess` and `http_shm_vs_inprocess` (the same with the inputs in shared memory),
+`p50_1item_ms` (gRPC, one client, 1-item queries: the server's own overhead), the same query's in-process p50
+back to back and after
 8 ms idle (`inprocess_1item_hot_ms`, `inprocess_1item_after_idle_ms`: what a woken core costs here), and the
 raw figures. With them, the CPU each 256-item query cost in-process and served (client, server process,
 workers; from /proc): on a machine whose every core is busy, their quotient is the throughput ratio to expect,

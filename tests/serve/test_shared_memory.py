@@ -7,6 +7,8 @@ import asyncio
 import contextlib
 import json
 import os
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from multiprocessing import shared_memory
@@ -428,3 +430,34 @@ def test_random_shared_memory_requests_raise_only_their_errors(inputs: object, o
             for name, ref in request.output_regions.items():
                 registry.write_output(ref, np.zeros(2, np.float32), f"output '{name}'")
         registry.close()
+
+
+def test_register_bodies_over_http_are_checked_by_name(live_server: Server) -> None:
+    """What tritonclient would never send, a raw HTTP client may: each refused by name, nothing registered."""
+    def post(path: str, body: bytes) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://{live_server.http}{path}", data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    with two_files() as files:
+        register = "/v2/systemsharedmemory/region/raw/register"
+        for body, message in (
+            (b"[1, 2]", "register request must be a JSON object"),
+            (b"{not json", "register request is not valid JSON"),
+            (json.dumps({"key": files[0].key, "size": 8}).encode(), "unknown fields ['size']"),
+            (json.dumps({"key": files[0].key}).encode(), "needs 'key' and 'byte_size'"),
+            (json.dumps({"key": files[0].key, "byte_size": "8"}).encode(), "byte_size must be an integer >= 0"),
+            (json.dumps({"key": files[0].key, "byte_size": 8, "offset": 1.5}).encode(), "offset must be an integer"),
+        ):
+            status, text = post(register, body)
+            assert status == 400 and message in text, (body, status, text)
+        assert "raw" not in _region_names(triton_http.InferenceServerClient(live_server.http))
+        status, text = post(register, json.dumps({"key": files[0].key, "byte_size": 8}).encode())
+        assert status == 200, text
+        assert post("/v2/systemsharedmemory/region/raw/unregister", b"")[0] == 200
+        assert post("/v2/systemsharedmemory/region/raw/unregister", b"")[0] == 200  # unknown: no error, as Triton
+        status, text = post("/v2/systemsharedmemory/region/nope/status", b"")
+        assert status == 405  # status is a GET

@@ -123,7 +123,7 @@ class InferenceServer:
 
     @property
     def extensions(self) -> list[str]:
-        return EXTENSIONS + [SHARED_MEMORY_EXTENSION] * self.shared_memory.enabled
+        return EXTENSIONS + ([SHARED_MEMORY_EXTENSION] if self.shared_memory.enabled else [])
 
     # --- lookups ---
 
