@@ -152,21 +152,21 @@ class SharedMemoryRegistry:
                                     f"{self.max_request_bytes} a request may carry")
         return {name: self._read(ref, dtype, shape, f"input '{name}'") for name, ref, dtype, shape in wanted}
 
-    def check_output(self, ref: TensorRef, where: str) -> None:
-        """Refuse an output place before the query runs, where its region cannot take it."""
+    def check_output(self, ref: TensorRef, where: str) -> Region:
+        """The region of an output's place, refused before the query runs where it cannot take the output."""
         self._check_enabled()
         region = self._region(ref.region, where)
         self._check_within(region, ref, where)
         if not region.file.writable:
             raise InvalidInputError(f"{where}: region '{region.name}' (key '{region.key}') is read-only to the server")
+        return region
 
     def write_output(self, ref: TensorRef, tensor: np.ndarray, where: str) -> TensorRef:
         """Write tensor at its place; the place as the response describes it (byte size: what was written)."""
-        self.check_output(ref, where)
+        region = self.check_output(ref, where)  # again: the client may have unregistered it meanwhile
         data = np.ascontiguousarray(tensor)
         if data.nbytes > ref.byte_size:
             raise InvalidInputError(f"{where}: {PARAM_BYTE_SIZE} is {ref.byte_size}, the output needs {data.nbytes}")
-        region = self._region(ref.region, where)
         written = os.pwrite(region.file.fd, data.data.cast("B"), region.offset + ref.offset)
         if written != data.nbytes:
             raise InvalidInputError(f"{where}: region '{region.name}' took {written} of {data.nbytes} bytes")
