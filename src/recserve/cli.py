@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="let clients pass tensors through /dev/shm regions they register (Triton's system "
                        "shared-memory extension): for clients on this machine; a region gives whoever reaches the "
                        "server that file's contents, with the server's rights")
+    serve.add_argument("--model-control", action="store_true",
+                       help="let clients load, reload (a new checkpoint in the model's folder) and unload models "
+                       "(Triton's explicit model control); every model still loads at start")
     serve.set_defaults(run=_run_serve)
 
     repo = commands.add_parser("repo", help="write a model repository of reference models with seeded weights")
@@ -195,7 +198,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     run(ServeOptions(repo=args.repo, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
                      max_body_bytes=int(args.max_body_mb * (1 << 20)), online_tuning=args.online_tune,
-                     allow_client_shm=args.allow_client_shm))
+                     allow_client_shm=args.allow_client_shm, model_control=args.model_control))
     return 0
 
 

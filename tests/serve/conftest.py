@@ -49,8 +49,8 @@ def server(model_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = tmp_path_factory.mktemp("server") / "stderr.log"
     with open(log, "w") as stderr:
         try:
-            spawned = spawn_server(model_repo, "--max-body-mb", str(MAX_BODY_MB), "--allow-client-shm", stderr=stderr,
-                                   startup_timeout_s=STARTUP_TIMEOUT_S)
+            spawned = spawn_server(model_repo, "--max-body-mb", str(MAX_BODY_MB), "--allow-client-shm",
+                                   "--model-control", stderr=stderr, startup_timeout_s=STARTUP_TIMEOUT_S)
         except RuntimeError as error:
             raise AssertionError(f"{error}:\n{log.read_text()[-4000:]}") from None
     try:

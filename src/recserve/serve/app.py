@@ -40,6 +40,7 @@ class ServeOptions:
     max_body_bytes: int = 64 << 20
     online_tuning: bool = False  # re-tune every model on its live traffic (else as each serve.yaml says)
     allow_client_shm: bool = False  # clients may register /dev/shm regions for their tensors (Triton's flag)
+    model_control: bool = False  # clients may load, reload and unload models (Triton's explicit mode)
 
 
 def run(options: ServeOptions) -> None:
@@ -49,7 +50,7 @@ def run(options: ServeOptions) -> None:
 
 async def serve(options: ServeOptions) -> None:
     shared_memory = SharedMemoryRegistry(options.allow_client_shm, options.max_body_bytes)
-    server = InferenceServer(options.repo, options.online_tuning, shared_memory)
+    server = InferenceServer(options.repo, options.online_tuning, shared_memory, options.model_control)
     tuning = OnlineTuning(server)
     runner = web.AppRunner(build_app(server, options.max_body_bytes), handler_cancellation=True, access_log=None)
     await runner.setup()

@@ -84,9 +84,10 @@ class _Outcome:
 
 class InferenceServer:
     def __init__(self, repo: Path, online_tuning: bool = False,
-                 shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY) -> None:
+                 shared_memory: SharedMemoryRegistry = NO_SHARED_MEMORY, model_control: bool = False) -> None:
         self.repo = repo
         self.shared_memory = shared_memory  # the regions clients registered, if the server lets them
+        self.model_control = model_control  # clients may load, reload and unload models (Triton's explicit mode)
         self.models: dict[str, ServedModel] = {}
         self.statistics: dict[str, ModelStatistics] = {}
         self.online_tuning = online_tuning  # re-tune every model online, whatever its serve.yaml says
@@ -96,30 +97,124 @@ class InferenceServer:
         self.ready = False
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: dict(self.models))
+        self.on_load: list[Callable[[str], object]] = []  # called with a model's name once it serves
         self._lock = threading.Lock()
+        self._in_use: dict[int, int] = {}  # id(model) -> requests using it, so that a retired model closes after them
+        self._released = threading.Condition(self._lock)
+        self._control_lock = threading.Lock()  # one load or unload at a time
 
     # --- lifetime ---
 
     def load(self) -> None:
         """Load every model of the repository (blocking); ready once all are in."""
         for folder in model_folders(self.repo):
-            started = time.perf_counter()
-            model = load_model(folder)
-            with self._lock:
-                self.models[model.name] = model
-                self.statistics[model.name] = ModelStatistics()
-                if self.online_tuning or model.config.online_tuning.enabled:
-                    self.windows[model.name] = WindowRecorder(model.config.online_tuning.percentile)
-                    self.tuners[model.name] = tuner_for(model)
-                    self._tuning_locks[model.name] = threading.Lock()
-            log.info("model %s loaded in %.1f s", model.name, time.perf_counter() - started)
+            self._install(self._loaded(folder))
         self.ready = True
+
+    def _loaded(self, folder: Path, alternate_store: bool = False) -> ServedModel:
+        started = time.perf_counter()
+        model = load_model(folder, alternate_store)
+        log.info("model %s loaded in %.1f s", model.name, time.perf_counter() - started)
+        return model
+
+    def _install(self, model: ServedModel) -> ServedModel | None:
+        """Serve `model` from now on; the model it replaces, if any."""
+        name = model.name
+        with self._lock:
+            replaced = self.models.get(name)
+            self.models[name] = model
+            self.statistics.setdefault(name, ModelStatistics())
+            if self.online_tuning or model.config.online_tuning.enabled:
+                self.windows[name] = WindowRecorder(model.config.online_tuning.percentile)
+                self.tuners[name] = tuner_for(model)
+                self._tuning_locks.setdefault(name, threading.Lock())
+            else:
+                self.windows.pop(name, None)
+                self.tuners.pop(name, None)
+        for hook in self.on_load:
+            hook(name)
+        return replaced
 
     def close(self) -> None:
         self.ready = False
         self.shared_memory.close()
         for model in self.models.values():
             model.close()
+
+    # --- model control (Triton's model repository extension, explicit mode) ---
+
+    def load_model(self, name: str, parameters: dict[str, object] | None = None) -> None:
+        """Load a model of the repository, or reload it from its folder (a new checkpoint): the old copy serves
+        until the new one is ready, then closes once the requests it holds are answered. Blocks for seconds."""
+        self._check_control(parameters or {}, allowed=())
+        folder = self._folder(name)
+        with self._control_lock:
+            serving = self.models.get(name)  # a reload: the new copy imports into the other store directory
+            try:
+                model = self._loaded(folder, alternate_store=serving is not None and not serving.alternate_store)
+            except RecserveError:
+                raise
+            except Exception as error:  # the server carries on with what it serves; the caller learns why
+                log.exception("model %s failed to load", name)
+                raise RecserveError(f"model '{name}' failed to load: {type(error).__name__}: {error}") from None
+            replaced = self._install(model)
+            if replaced is not None:
+                self._retire(replaced)
+
+    def unload_model(self, name: str, parameters: dict[str, object] | None = None) -> None:
+        """Stop serving a model: new requests for it get 404 at once, those in flight are answered first.
+        `unload_dependents` is accepted and has nothing to act on (recserve has no ensembles)."""
+        self._check_control(parameters or {}, allowed=("unload_dependents",))
+        with self._control_lock:
+            with self._lock:
+                model = self.models.pop(name, None)
+                self.windows.pop(name, None)
+                self.tuners.pop(name, None)
+            if model is None:
+                raise NotFoundError(f"model '{name}' is not loaded")
+            self._retire(model)
+
+    def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every model of the repository and every model served: its state and, when not ready, why."""
+        try:
+            on_disk = {folder.name for folder in model_folders(self.repo)}
+        except NotFoundError:  # the folder was emptied or removed while serving
+            on_disk = set()
+        index = []
+        for name in sorted(on_disk | set(self.models)):
+            if name not in self.models:
+                state, reason = "UNAVAILABLE", "unloaded"
+            elif self.model_ready(name):
+                state, reason = "READY", ""
+            else:
+                state, reason = "UNAVAILABLE", "no live workers"
+            if state == "READY" or not ready_only:
+                index.append({"name": name, "version": MODEL_VERSION, "state": state, "reason": reason})
+        return index
+
+    def _check_control(self, parameters: dict[str, object], allowed: tuple[str, ...]) -> None:
+        if not self.model_control:
+            raise InvalidInputError("model control is off on this server (start it with --model-control to load, "
+                                    "reload and unload models)")
+        unknown = sorted(set(parameters) - set(allowed))
+        if unknown:
+            raise InvalidInputError(f"parameters {unknown} are not supported: a model loads from its folder as it "
+                                    "is (write its serve.yaml or checkpoint there, then load it)")
+
+    def _folder(self, name: str) -> Path:
+        folders = {folder.name: folder for folder in model_folders(self.repo)}
+        if name not in folders:  # only a folder of the repository: no path from the request reaches the disk
+            raise NotFoundError(f"no model '{name}' in repository {self.repo} (it has: {', '.join(sorted(folders))})")
+        return folders[name]
+
+    def _retire(self, model: ServedModel) -> None:
+        """Close a model no new request can reach, once the requests already using it are done (or their
+        deadline and the grace after it have passed: a stuck one fails with the model's shutdown)."""
+        deadline = time.monotonic() + model.executor.latency_target_s + RESULT_GRACE_S
+        with self._released:
+            while self._in_use.get(id(model)) and (left := deadline - time.monotonic()) > 0:
+                self._released.wait(left)
+        model.close()
 
     @property
     def extensions(self) -> list[str]:
@@ -144,28 +239,35 @@ class InferenceServer:
 
     # --- inference ---
 
-    def submit(self, name: str, version: str, request: InferRequest, timeout_s: float | None, *,
-               run_here: bool = False) -> concurrent.futures.Future[QueryResult]:
-        """Check the request against the model and admit it (or raise); the Future resolves to its result.
-        run_here: as `Executor.submit` (a caller on its own thread, never the event loop)."""
-        model, dense, sparse = self._decode(name, version, request)
-        return model.executor.submit(dense, sparse, timeout_s, run_here=run_here)
+    @contextlib.contextmanager
+    def _using(self, name: str, version: str) -> Iterator[ServedModel]:
+        """The model a request is for, counted as in use until the request is done (see `_retire`)."""
+        with self._lock:
+            model = self.model(name, version)
+            self._in_use[id(model)] = self._in_use.get(id(model), 0) + 1
+        try:
+            yield model
+        finally:
+            with self._lock:
+                left = self._in_use.pop(id(model)) - 1
+                if left:
+                    self._in_use[id(model)] = left
+                else:
+                    self._released.notify_all()
 
-    def _decode(self, name: str, version: str, request: InferRequest) -> tuple[ServedModel, np.ndarray | None,
-                                                                                 SparseBatch]:
-        model = self.model(name, version)
+    @staticmethod
+    def _decode(model: ServedModel, request: InferRequest) -> tuple[np.ndarray | None, SparseBatch]:
         unknown = [o for o in request.outputs if o not in {t.name for t in model.signature.outputs}]
         if unknown:
-            raise InvalidInputError(f"model '{name}' has no outputs {unknown} (it has: scores)")
-        dense, sparse = model.signature.decode(request.inputs)
-        return model, dense, sparse
+            raise InvalidInputError(f"model '{model.name}' has no outputs {unknown} (it has: scores)")
+        return model.signature.decode(request.inputs)
 
     async def infer(self, name: str, version: str, request: InferRequest, timeout_s: float | None,
                     protocol: str) -> dict[str, np.ndarray]:
         """Scores of one request, for a front end on the event loop; raises a RecserveError on anything wrong.
         A query the inline replica would take goes to a thread that runs it there (the loop must not block)."""
-        with self._accounted(name, protocol) as outcome:
-            model, dense, sparse = self._decode(name, version, request)
+        with self._accounted(name, protocol) as outcome, self._using(name, version) as model:
+            dense, sparse = self._decode(model, request)
             executor = model.executor
             if executor.would_run_inline(sparse.num_items):
                 future = await asyncio.to_thread(executor.submit, dense, sparse, timeout_s, run_here=True)
@@ -178,11 +280,12 @@ class InferenceServer:
                        protocol: str, on_abandon: Callable[[Callable[[], object]], object]) -> dict[str, np.ndarray]:
         """As `infer`, for a front end with a thread per request; `on_abandon` registers what to call if the
         client goes away (the query is then dropped from the queue)."""
-        with self._accounted(name, protocol) as outcome:
+        with self._accounted(name, protocol) as outcome, self._using(name, version) as model:
+            dense, sparse = self._decode(model, request)
             # this thread would only wait: an idle worker runs the query straight from it
-            future = self.submit(name, version, request, timeout_s, run_here=True)
+            future = model.executor.submit(dense, sparse, timeout_s, run_here=True)
             on_abandon(future.cancel)
-            wait_s = (timeout_s or self.models[name].executor.latency_target_s) + RESULT_GRACE_S
+            wait_s = (timeout_s or model.executor.latency_target_s) + RESULT_GRACE_S
             try:
                 outcome.result = future.result(wait_s)
             except concurrent.futures.TimeoutError:
@@ -209,12 +312,12 @@ class InferenceServer:
             self._record_failure(label, time.perf_counter() - started)
             outcome_label = status_of(error)[2]
             self.metrics.request(label, protocol, outcome_label)
-            if label in self.windows and outcome_label == "overloaded":
-                self.windows[label].refused()
+            if outcome_label == "overloaded" and (window := self.windows.get(label)) is not None:
+                window.refused()
             raise
         assert outcome.result is not None
-        if name in self.windows:
-            self.windows[name].answered(time.perf_counter() - started)
+        if (window := self.windows.get(name)) is not None:
+            window.answered(time.perf_counter() - started)
         self._record_success(name, outcome.result)
         self.metrics.observe(name, outcome.result)
         self.metrics.request(name, protocol, "ok")

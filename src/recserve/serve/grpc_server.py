@@ -116,7 +116,7 @@ def _output_regions(outputs: Any, shared_memory: SharedMemoryRegistry) -> dict[s
 
 
 def _parameters(parameters: Any) -> dict[str, object]:
-    """A map of InferParameter as plain values."""
+    """A map of InferParameter (or ModelRepositoryParameter) as plain values."""
     return {key: _parameter_value(value) for key, value in parameters.items()}
 
 
@@ -209,12 +209,16 @@ class InferenceService:
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
-        response = pb.RepositoryIndexResponse()
-        for name in sorted(self.server.models):
-            ready = self.server.model_ready(name)
-            if ready or not request.ready:
-                response.models.add(name=name, version=MODEL_VERSION, state="READY" if ready else "UNAVAILABLE")
-        return response
+        return json_format.ParseDict({"models": self.server.repository_index(ready_only=request.ready)},
+                                     pb.RepositoryIndexResponse())
+
+    def RepositoryModelLoad(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.server.load_model(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    def RepositoryModelUnload(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self.server.unload_model(request.model_name, _parameters(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
 
     def SystemSharedMemoryStatus(self, request: Any, context: grpc.ServicerContext) -> Any:
         regions = {region["name"]: region for region in self.server.shared_memory.status(request.name)}
@@ -245,6 +249,8 @@ class InferenceService:
             "ModelReady": pb.ModelReadyRequest, "ServerMetadata": pb.ServerMetadataRequest,
             "ModelMetadata": pb.ModelMetadataRequest, "ModelConfig": pb.ModelConfigRequest,
             "ModelStatistics": pb.ModelStatisticsRequest, "RepositoryIndex": pb.RepositoryIndexRequest,
+            "RepositoryModelLoad": pb.RepositoryModelLoadRequest,
+            "RepositoryModelUnload": pb.RepositoryModelUnloadRequest,
             "ModelInfer": pb.ModelInferRequest,
             "SystemSharedMemoryStatus": pb.SystemSharedMemoryStatusRequest,
             "SystemSharedMemoryRegister": pb.SystemSharedMemoryRegisterRequest,

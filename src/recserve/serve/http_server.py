@@ -3,7 +3,8 @@
     GET  /v2/health/live | /v2/health/ready | /v2
     GET  /v2/models/{model}[/versions/{v}] | .../ready | .../config | .../stats      GET /v2/models/stats
     POST /v2/models/{model}[/versions/{v}]/infer      JSON tensors or the binary tensor extension
-    POST /v2/repository/index
+    POST /v2/repository/index                         {"ready": true} for the ready ones only
+    POST /v2/repository/models/{model}/load | unload  model control (--model-control): load, reload, unload
     GET  /v2/systemsharedmemory[/region/{name}]/status                 the system shared-memory extension
     POST /v2/systemsharedmemory/region/{name}/register                 {"key", "offset", "byte_size"}
     POST /v2/systemsharedmemory[/region/{name}]/unregister
@@ -46,6 +47,8 @@ def build_app(server: InferenceServer, max_body_bytes: int) -> web.Application:
         web.get("/v2", _server_metadata),
         web.get("/v2/models/stats", _statistics),
         web.post("/v2/repository/index", _repository_index),
+        web.post("/v2/repository/models/{model}/load", _load_model),
+        web.post("/v2/repository/models/{model}/unload", _unload_model),
         web.get("/metrics", _metrics),
         web.get("/v2/systemsharedmemory/status", _shared_memory_status),
         web.get("/v2/systemsharedmemory/region/{region}/status", _shared_memory_status),
@@ -128,11 +131,38 @@ async def _statistics(request: web.Request) -> web.Response:
 
 
 async def _repository_index(request: web.Request) -> web.Response:
-    server = _server(request)
-    return web.json_response([
-        {"name": name, "version": MODEL_VERSION, "state": "READY" if server.model_ready(name) else "UNAVAILABLE"}
-        for name in sorted(server.models)
-    ])
+    body = await request.read()
+    ready = codec.parse_json_object(body, "index request").get("ready", False) if body.strip() else False
+    if not isinstance(ready, bool):
+        raise InvalidInputError(f"index request: 'ready' must be true or false, got {ready!r}")
+    return web.json_response(_server(request).repository_index(ready_only=ready))
+
+
+async def _load_model(request: web.Request) -> web.Response:
+    parameters = await _control_parameters(request, "load request")
+    await asyncio.to_thread(_server(request).load_model, request.match_info["model"], parameters)  # seconds
+    return web.json_response({})
+
+
+async def _unload_model(request: web.Request) -> web.Response:
+    parameters = await _control_parameters(request, "unload request")
+    await asyncio.to_thread(_server(request).unload_model, request.match_info["model"], parameters)
+    return web.json_response({})
+
+
+async def _control_parameters(request: web.Request, what: str) -> dict:
+    """The optional {"parameters": {...}} of a load or unload request."""
+    body = await request.read()
+    if not body.strip():
+        return {}
+    fields = codec.parse_json_object(body, what)
+    unknown = sorted(set(fields) - {"parameters"})
+    if unknown:
+        raise InvalidInputError(f"{what}: unknown fields {unknown} (known: parameters)")
+    parameters = fields.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInputError(f"{what}: 'parameters' must be an object, got {type(parameters).__name__}")
+    return parameters
 
 
 async def _metrics(request: web.Request) -> web.Response:

@@ -27,22 +27,35 @@ def tuner_for(model: ServedModel) -> OnlineTuner:
 
 
 class OnlineTuning:
-    """Re-tunes the models whose recorder and tuner the server made; stops with the server."""
+    """Re-tunes the models whose recorder and tuner the server made, a thread a model (started for a model loaded
+    later too); stops with the server."""
 
     def __init__(self, server: InferenceServer) -> None:
         self._server = server
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, threading.Thread] = {}
+        self._started = False
+        self._lock = threading.Lock()
+        server.on_load.append(self.watch)
 
     def start(self) -> None:
-        for name in self._server.tuners:
+        with self._lock:
+            self._started = True
+        for name in list(self._server.tuners):
+            self.watch(name)
+
+    def watch(self, name: str) -> None:
+        """Re-tune `name` from now on, if it asks for it (a model loaded after the start)."""
+        with self._lock:
+            if not self._started or name in self._threads or name not in self._server.tuners:
+                return
             thread = threading.Thread(target=self._run, args=(name,), name=f"online-tuning-{name}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._threads[name] = thread
+        thread.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
+        for thread in list(self._threads.values()):
             thread.join(timeout=60)
 
     def _run(self, name: str) -> None:
@@ -54,10 +67,14 @@ class OnlineTuning:
                 log.exception("online tuning of %s failed", name)
 
     def step(self, name: str) -> None:
-        recorder: WindowRecorder = self._server.windows[name]
+        recorder: WindowRecorder | None = self._server.windows.get(name)
+        if recorder is None:  # unloaded, or reloaded without online tuning: nothing to tune until it is back
+            return
         window = recorder.take()
         with self._server.tuning_lock(name):
-            tuner = self._server.tuners[name]
+            tuner = self._server.tuners.get(name)
+            if tuner is None:
+                return
             decision = tuner.observe(window)
             if decision.setting is None:
                 return

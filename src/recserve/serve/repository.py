@@ -141,6 +141,7 @@ class ServedModel:
     ps: HierarchicalPS  # the owner: holds the shared-memory tables and the read-write persistent store
     executor: Executor
     updates: UpdateConsumer | None = None  # applies the update stream to ps, when serve.yaml names one
+    alternate_store: bool = False  # its RocksDB store is `<path>.alt` (see `load_model`)
 
     def close(self) -> None:
         if self.updates:
@@ -171,12 +172,15 @@ def model_folders(repo: Path) -> list[Path]:
     return folders
 
 
-def load_model(folder: Path) -> ServedModel:
-    """Import the model's tables into its own parameter server, start its workers; ready to serve."""
+def load_model(folder: Path, alternate_store: bool = False) -> ServedModel:
+    """Import the model's tables into its own parameter server, start its workers; ready to serve.
+
+    `alternate_store`: the RocksDB store's twin directory (`<path>.alt`) instead of `<path>`: a reload builds the
+    new copy while the old one, still serving, holds its store open (RocksDB lets one process open it)."""
     spec = checkpoint_spec(folder)
     config = read_serving_config(folder)
     source = _update_source(folder, config)
-    ps = _parameter_server(folder, spec, config)
+    ps = _parameter_server(folder, spec, config, alternate_store)
     try:
         import_tables(folder, spec, ps)
         dram = [t for t in ps.tiers if isinstance(t, DramTier)]
@@ -199,7 +203,7 @@ def load_model(folder: Path) -> ServedModel:
         raise
     signature = ModelSignature(spec, config.max_items)
     return ServedModel(folder.name, folder, signature, config, ps, executor,
-                       _start_updates(folder, spec, config, ps, source) if source else None)
+                       _start_updates(folder, spec, config, ps, source) if source else None, alternate_store)
 
 
 def _tiers_below_dram(ps: HierarchicalPS) -> Tier | None:
@@ -232,7 +236,8 @@ def _start_updates(folder: Path, spec: ModelSpec, config: ServingConfig, ps: Hie
     return updates
 
 
-def _parameter_server(folder: Path, spec: ModelSpec, config: ServingConfig) -> HierarchicalPS:
+def _parameter_server(folder: Path, spec: ModelSpec, config: ServingConfig,
+                      alternate_store: bool = False) -> HierarchicalPS:
     where = folder / SERVING_FILE
     if not config.dram.shared_memory:
         raise ConfigError(f"{where}: dram.shared_memory must be true: worker processes attach the DRAM tier")
@@ -242,6 +247,8 @@ def _parameter_server(folder: Path, spec: ModelSpec, config: ServingConfig) -> H
     rocksdb = config.rocksdb
     if not rocksdb.path.is_absolute():
         rocksdb = rocksdb.model_copy(update={"path": folder / rocksdb.path})
+    if alternate_store:
+        rocksdb = rocksdb.model_copy(update={"path": rocksdb.path.with_name(rocksdb.path.name + ".alt")})
     tables = table_configs(spec, config.dram_fraction, config.table_dtype)
     ps_config = PSConfig(tables=tables, dram=config.dram, redis=config.redis, rocksdb=rocksdb)
     return HierarchicalPS.from_config(ps_config)
