@@ -152,13 +152,7 @@ async def _unload_model(request: web.Request) -> web.Response:
 
 async def _control_parameters(request: web.Request, what: str) -> dict:
     """The optional {"parameters": {...}} of a load or unload request."""
-    body = await request.read()
-    if not body.strip():
-        return {}
-    fields = codec.parse_json_object(body, what)
-    unknown = sorted(set(fields) - {"parameters"})
-    if unknown:
-        raise InvalidInputError(f"{what}: unknown fields {unknown} (known: parameters)")
+    fields = await _json_fields(request, what, known={"parameters"}, body_optional=True)
     parameters = fields.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidInputError(f"{what}: 'parameters' must be an object, got {type(parameters).__name__}")
@@ -186,14 +180,23 @@ async def _shared_memory_status(request: web.Request) -> web.Response:
 
 async def _shared_memory_register(request: web.Request) -> web.Response:
     name = request.match_info["region"]
-    fields = codec.parse_json_object(await request.read(), "register request")
-    unknown = sorted(set(fields) - {"key", "offset", "byte_size"})
-    if unknown:
-        raise InvalidInputError(f"register request: unknown fields {unknown} (known: byte_size, key, offset)")
+    fields = await _json_fields(request, "register request", known={"key", "offset", "byte_size"})
     if "key" not in fields or "byte_size" not in fields:
         raise InvalidInputError("register request needs 'key' and 'byte_size' (and optionally 'offset')")
     _server(request).shared_memory.register(name, fields["key"], fields.get("offset", 0), fields["byte_size"])
     return web.json_response({})
+
+
+async def _json_fields(request: web.Request, what: str, known: set[str], body_optional: bool = False) -> dict:
+    """A control request's JSON object body (an empty one where it may be left out), refusing fields not known."""
+    body = await request.read()
+    if body_optional and not body.strip():
+        return {}
+    fields = codec.parse_json_object(body, what)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise InvalidInputError(f"{what}: unknown fields {unknown} (known: {', '.join(sorted(known))})")
+    return fields
 
 
 async def _shared_memory_unregister(request: web.Request) -> web.Response:
